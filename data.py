@@ -1,0 +1,225 @@
+"""AG News data: read and clean the CSVs, split, tokenize once, and batch with dynamic padding.
+
+The CSV format is the original one (no header, every field quoted, `class index 1-4, title, description`);
+a headered variant (`Class Index,Title,Description`) is accepted too. Text = title + description.
+"""
+import csv
+import hashlib
+import html
+import io
+import os
+import re
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import torch
+
+DEFAULT_CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+# torchtext's AG_NEWS source; md5 of the exact files (see README, "Data").
+DOWNLOAD_URL = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/{name}"
+MD5 = {"train.csv": "b1a00f826fdfbd249f79597b59e1dc12", "test.csv": "d52ea96a97a2d943681189a97654912d"}
+
+
+class UserError(SystemExit):
+    """A mistake the user can fix (bad flag, bad file, offline). Prints its message without a traceback,
+    in a shell and in a notebook cell alike."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args, but safe in a notebook: there sys.argv holds Jupyter's `-f kernel.json`,
+    which is not ours, so a bare main() in a cell parses nothing instead."""
+    if argv is None:
+        argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
+    return parser.parse_args([str(a) for a in argv])
+
+
+# ---------------------------------------------------------------------------------------------- cleaning
+# The corpus went through an HTML scrape that ate '&' (leaving ` #39;`, ` quot;`, ` amp;`) and turned line
+# breaks into backslashes. Undo that so the tokenizer sees what a reader sees.
+_EATEN_ENTITY = re.compile(r"(?:^|\s)(?:#(\d+)|(quot|amp|lt|gt|hellip|nbsp|apos));")
+_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")  # <b>, <A HREF=..>; not <TXN.N> tickers
+_SPACES = re.compile(r"\s+")
+
+
+def _entity(match):
+    if match.group(1):
+        code = int(match.group(1))
+        # 128-159 are Windows-1252 codes in this corpus (#151 is an em dash, #146 a right quote).
+        return bytes([code]).decode("cp1252", "ignore") if 128 <= code < 160 else chr(code)
+    return html.unescape(f"&{match.group(2)};")
+
+
+def clean_text(text):
+    text = text.replace("\\$", "$")
+    text = re.sub(r"\\+", " ", text)  # a backslash (or two) is where a line break was
+    text = _EATEN_ENTITY.sub(_entity, text)
+    text = html.unescape(text)  # the intact ones: &lt;b&gt; -> <b>
+    text = _HTML_TAG.sub(" ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _decode(path, raw):
+    try:
+        return raw.decode("utf-8-sig")  # -sig: a BOM some editors add is not part of the first field
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _is_header(row):
+    first = row[0].strip().lower() if row else ""
+    return not first.isdigit() and ("class" in first or "label" in first)
+
+
+def read_csv(path, num_classes=4):
+    """Read one AG News CSV -> (texts, labels 0..num_classes-1). Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    text = _decode(path, path.read_bytes())
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise UserError(f"{path}:{line}: NUL byte in the file (is it really a CSV?)")
+    texts, labels, dropped = [], [], 0
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        for row in reader:
+            if reader.line_num == 1 and _is_header(row) or row == []:
+                continue
+            where = f"{path}:{reader.line_num}"
+            if len(row) != 3:
+                raise UserError(f"{where}: expected 3 fields (class index, title, description), got {len(row)}")
+            label = row[0].strip()
+            if not label.isdigit() or not 1 <= int(label) <= num_classes:
+                raise UserError(f"{where}: class index must be 1-{num_classes}, got {label!r}")
+            title, description = clean_text(row[1]), clean_text(row[2])
+            if not title and not description:
+                dropped += 1
+                continue
+            texts.append(f"{title} {description}".strip())
+            labels.append(int(label) - 1)
+    except csv.Error as err:
+        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
+    if not texts:
+        raise UserError(f"{path}: no data rows (empty file, or only a header)")
+    if dropped:
+        print(f"{path}: dropped {dropped} rows whose title and description are both empty")
+    return texts, labels
+
+
+def read_class_names(data_dir):
+    path = Path(data_dir) / "classes.txt"
+    if not path.is_file():
+        return list(DEFAULT_CLASS_NAMES)
+    names = [line.strip() for line in _decode(path, path.read_bytes()).splitlines() if line.strip()]
+    if len(names) < 2:
+        raise UserError(f"{path}: expected one class name per line, found {len(names)}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- download
+def file_md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(name, data_dir):
+    """Fetch train.csv or test.csv into data_dir, check its md5, and only then move it into place."""
+    url, dest = DOWNLOAD_URL.format(name=name), Path(data_dir) / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+        if file_md5(tmp) != MD5[name]:
+            raise UserError(f"{url}: downloaded file has the wrong md5 (expected {MD5[name]}); try again")
+        os.replace(tmp, dest)
+    except OSError as err:  # URLError, timeouts and DNS failures are all OSErrors
+        raise UserError(
+            f"could not download {url} ({err}). If this machine is offline, get AG News train.csv and "
+            f"test.csv elsewhere and pass --data-dir FOLDER (a folder holding both files)."
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def ensure_data(data_dir, splits=("train.csv", "test.csv")):
+    """Download the AG News CSVs that are missing from data_dir."""
+    for name in splits:
+        if not (Path(data_dir) / name).is_file():
+            print(f"{Path(data_dir) / name} not found: downloading AG News {name} ...")
+            download(name, data_dir)
+
+
+def stratified_split(labels, val_size, seed):
+    """Indices (train, val) of a stratified, seeded split; val_size is a fraction or a row count."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        train_idx, val_idx = train_test_split(
+            list(range(len(labels))), test_size=val_size, stratify=labels, random_state=seed
+        )
+    except ValueError as err:
+        raise UserError(f"--val-size {val_size}: cannot carve a stratified split from {len(labels)} rows ({err})")
+    return sorted(train_idx), sorted(val_idx)
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+def tokenize(tokenizer, texts, max_length, chunk=2048):
+    """Token ids per text, truncated to max_length, not padded (batches pad to their own longest row)."""
+    ids = []
+    for start in range(0, len(texts), chunk):
+        enc = tokenizer(
+            texts[start : start + chunk], truncation=True, max_length=max_length,
+            return_attention_mask=False, return_token_type_ids=False,
+        )
+        ids.extend(enc["input_ids"])
+    return ids
+
+
+def batch_order(lengths, batch_size, shuffle, seed=0, epoch=0, group_by_length=True):
+    """A list of batches (lists of row indices).
+
+    Evaluation (shuffle=False): rows sorted by length, so each batch pads little.
+    Training: a seeded permutation per epoch; with group_by_length it is cut into chunks of 64 batches, each
+    chunk sorted by length and cut into batches, and the batch order shuffled. The same (seed, epoch) always
+    gives the same order, so a resumed run can skip the batches it has done.
+    """
+    n = len(lengths)
+    if not shuffle:
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    chunk = batch_size * 64
+    batches = []
+    for c in range(0, n, chunk):
+        rows = sorted(order[c : c + chunk], key=lambda i: lengths[i])
+        batches += [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def collate(token_ids, rows, pad_id, pad_multiple=1):
+    """Pad the given rows to their longest (rounded up to pad_multiple) -> input_ids, attention_mask (B, T)."""
+    longest = max(len(token_ids[i]) for i in rows)
+    width = -(-longest // pad_multiple) * pad_multiple
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, i in enumerate(rows):
+        ids = token_ids[i]
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention_mask[r, : len(ids)] = 1
+    return input_ids, attention_mask

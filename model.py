@@ -1,0 +1,202 @@
+"""The classifier (a pretrained encoder + our dropout and linear head), mixed-precision settings, the one
+evaluation function, and the one checkpoint format.
+
+A checkpoint is a plain dict loadable with torch.load(..., weights_only=True):
+    {"format": 1, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
+     "class_names": [...], "max_length": int, "config": dict of the training flags, "epoch": int,
+     "step": int, "best_metric": {"name": "val_accuracy", "value": float}}
+last.pt adds "optimizer", "scheduler", "scaler", "rng" and "batches_done" for --resume.
+"""
+import json
+import os
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import UserError, batch_order, collate
+
+CHECKPOINT_FORMAT = 1
+
+
+class TopicClassifier(nn.Module):
+    def __init__(self, encoder, num_labels, dropout=0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        nn.init.normal_(self.head.weight, std=getattr(encoder.config, "initializer_range", 0.02))
+        nn.init.zeros_(self.head.bias)
+
+    def embed(self, input_ids, attention_mask):
+        """(B, T) token ids -> (B, H) sentence embedding: the first token's ([CLS] / <s>) last hidden state."""
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.dropout(self.embed(input_ids, attention_mask)))  # (B, num_labels) logits
+
+
+def load_pretrained(name):
+    """Encoder and tokenizer from a hub name or a local folder, with an actionable error when that fails."""
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        encoder = AutoModel.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"--model {name!r}: could not load the encoder or its tokenizer ({first_line}). Tried the Hugging "
+            f"Face hub name and a local folder of that name. Offline? Pass --model /path/to/folder holding "
+            f"config.json, the weights (model.safetensors) and the tokenizer files, e.g. one saved with "
+            f"save_pretrained(), and set HF_HUB_OFFLINE=1."
+        ) from None
+    if not tokenizer.is_fast:
+        raise UserError(f"--model {name!r}: needs a fast (Rust) tokenizer; this one is {type(tokenizer).__name__}")
+    return encoder, tokenizer
+
+
+def model_max_length(tokenizer, encoder_config):
+    """The longest input the encoder accepts (tokenizers often say 'unlimited' with a huge number)."""
+    limits = [getattr(encoder_config, "max_position_embeddings", None), tokenizer.model_max_length]
+    limits = [x for x in limits if isinstance(x, int) and 0 < x < 100_000]
+    if getattr(encoder_config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limits = [x - 2 if x == encoder_config.max_position_embeddings else x for x in limits]  # padding offset
+    return min(limits) if limits else 512
+
+
+# ---------------------------------------------------------------------------------------------- devices
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    return torch.device(name)
+
+
+def pick_amp_dtype(device, amp, amp_dtype="auto"):
+    """None for fp32; else the autocast dtype. bf16 where the hardware has it natively (CUDA compute
+    capability 8+, CPUs with AVX512-BF16/AMX), fp16 on older GPUs (a T4) with a GradScaler."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+        if amp_dtype == "bf16" and not native_bf16:
+            print("note: this GPU has no native bf16; bf16 autocast will be emulated and slow. Try --amp-dtype fp16.")
+        if amp_dtype == "auto":
+            return torch.bfloat16 if native_bf16 else torch.float16
+        return torch.bfloat16 if amp_dtype == "bf16" else torch.float16
+    if amp_dtype == "fp16":
+        raise UserError(f"--amp-dtype fp16 needs a CUDA GPU; on {device.type} use --amp-dtype bf16 (or auto)")
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("note: this CPU has no native bf16 (AVX512-BF16/AMX); --amp will likely be slower than fp32 here.")
+    return torch.bfloat16
+
+
+def autocast(device, amp_dtype):
+    """The one mixed-precision context: autocast to amp_dtype, or nothing for fp32."""
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def to_device(tensors, device):
+    # Pinned memory lets the host-to-GPU copy overlap with compute.
+    if device.type == "cuda":
+        return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+    return [t.to(device) for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model, token_ids, pad_id, device, amp_dtype=None, batch_size=128, fn="logits"):
+    """Run the model over all rows, longest first (little padding), and return the outputs in row order:
+    (N, num_labels) fp32 logits, or with fn="embed" the (N, H) sentence embeddings."""
+    was_training = model.training
+    model.eval()
+    chunks, order = [], []
+    pad_multiple = 8 if amp_dtype is not None else 1
+    for rows in batch_order([len(t) for t in token_ids], batch_size, shuffle=False):
+        input_ids, attention_mask = to_device(collate(token_ids, rows, pad_id, pad_multiple), device)
+        with autocast(device, amp_dtype):
+            out = model(input_ids, attention_mask) if fn == "logits" else model.embed(input_ids, attention_mask)
+        chunks.append(out.float())
+        order += rows
+    model.train(was_training)
+    inverse = torch.argsort(torch.tensor(order))  # batch order -> row order
+    return torch.cat(chunks).cpu()[inverse]
+
+
+def classification_metrics(logits, labels):
+    """loss, accuracy and macro-F1 of (N, C) logits against N integer labels."""
+    from sklearn.metrics import f1_score
+
+    labels = torch.as_tensor(labels)
+    preds = logits.argmax(-1)
+    return {
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (preds == labels).float().mean().item(),
+        "macro_f1": float(f1_score(labels.numpy(), preds.numpy(), average="macro", labels=range(logits.shape[1]))),
+    }
+
+
+def evaluate(model, token_ids, labels, pad_id, device, amp_dtype=None, batch_size=128):
+    """The one evaluation used by train.py and evaluate.py -> (metrics dict, (N, C) logits)."""
+    logits = predict(model, token_ids, pad_id, device, amp_dtype, batch_size)
+    return classification_metrics(logits, labels), logits
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def tokenizer_files(tokenizer):
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a temporary file in the same folder, then os.replace, so a crash or a full disk
+    mid-write never leaves a half file where the previous good checkpoint was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--ckpt {path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, a pickle with code in it, not a torch file at all
+        raise UserError(f"{path}: not a readable checkpoint of this toolkit ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint of this toolkit (expected a dict with format={CHECKPOINT_FORMAT})")
+    return state
+
+
+def load_model(path, device="cpu"):
+    """best.pt (or last.pt) -> (model in eval mode, tokenizer, checkpoint dict). No hub access needed."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    state = read_checkpoint(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, blob in state["tokenizer_files"].items():
+            Path(tmp, name).write_bytes(blob)
+        Path(tmp, "config.json").write_text(json.dumps(state["encoder_config"]))
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(tmp))
+    model = TopicClassifier(encoder, len(state["class_names"]), state["config"].get("dropout", 0.1))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), tokenizer, state

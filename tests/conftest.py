@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny random BERT saved as a local folder, and tiny AG News-style CSVs. No network."""
+import csv
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TOPIC_WORDS = [
+    ["minister", "election", "war", "government", "president", "treaty"],
+    ["team", "match", "goal", "season", "coach", "cup"],
+    ["stocks", "profit", "market", "bank", "shares", "oil"],
+    ["software", "computer", "space", "internet", "chip", "nasa"],
+]
+COMMON_WORDS = ["the", "a", "of", "in", "on", "says", "new", "after", "over", "with", "reuters", "ap", "-", ".", ","]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer, 32-wide random BERT with its own vocab, saved like a hub model (config, weights, tokenizer)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = SPECIAL + sorted({w for words in TOPIC_WORDS for w in words} | set(COMMON_WORDS))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # A vocab.txt plus this is how bert-base-uncased ships its tokenizer; AutoTokenizer builds the fast one from it
+    # (transformers 4 and 5 alike), so save that, with tokenizer.json, as a hub folder would hold it.
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_rows(n_per_class, seed):
+    """Rows (label 1-4, title, description) whose words give the topic away, so a model can learn them."""
+    rng = random.Random(seed)
+    rows = []
+    for label, words in enumerate(TOPIC_WORDS, start=1):
+        for _ in range(n_per_class):
+            title = " ".join(rng.choices(words, k=3) + rng.choices(COMMON_WORDS, k=2)).capitalize()
+            description = " ".join(rng.choices(words + COMMON_WORDS, k=rng.randint(4, 30)))
+            rows.append((str(label), title, description))
+    rng.shuffle(rows)
+    return rows
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows(rows)
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path):
+    folder = tmp_path / "ag_news"
+    folder.mkdir()
+    write_csv(folder / "train.csv", make_rows(80, seed=1))
+    write_csv(folder / "test.csv", make_rows(10, seed=2))
+    (folder / "classes.txt").write_text("World\nSports\nBusiness\nSci/Tech\n")
+    return folder

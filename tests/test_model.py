@@ -1,0 +1,143 @@
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+
+import model as model_lib
+import train
+from data import UserError
+from model import (TopicClassifier, autocast, classification_metrics, load_model, load_pretrained, pick_amp_dtype,
+                   read_checkpoint, save_checkpoint)
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    encoder, tokenizer = load_pretrained(str(tiny_model_dir))
+    torch.manual_seed(0)
+    return TopicClassifier(encoder, num_labels=4), tokenizer
+
+
+def _batch(tokenizer, texts):
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_forward_and_embedding_shapes(tiny):
+    model, tokenizer = tiny
+    input_ids, mask = _batch(tokenizer, ["the team wins the cup", "stocks fall"])
+    assert model(input_ids, mask).shape == (2, 4)
+    assert model.embed(input_ids, mask).shape == (2, 32)
+
+
+def test_embedding_is_the_hf_encoders_first_token_state(tiny, tiny_model_dir):
+    from transformers import AutoModel
+
+    model, tokenizer = tiny
+    reference = AutoModel.from_pretrained(tiny_model_dir).eval()
+    input_ids, mask = _batch(tokenizer, ["the team wins the cup", "stocks fall"])
+    expected = reference(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, 0]
+    assert torch.allclose(model.eval().embed(input_ids, mask), expected, atol=1e-6)
+
+
+def test_checkpoint_round_trip_with_weights_only(tiny, tmp_path):
+    model, tokenizer = tiny
+    args = train.build_parser().parse_args(["--model", "tiny", "--max-length", "64"])
+    save_checkpoint(train.checkpoint(model, tokenizer, ["W", "S", "B", "T"], args, 1, 10, 0.5), tmp_path / "best.pt")
+    state = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert state["class_names"] == ["W", "S", "B", "T"] and state["max_length"] == 64 and state["step"] == 10
+    loaded, loaded_tokenizer, _ = load_model(tmp_path / "best.pt")
+    input_ids, mask = _batch(tokenizer, ["nasa chip", "the election of a minister"])
+    assert torch.equal(_batch(loaded_tokenizer, ["nasa chip", "the election of a minister"])[0], input_ids)
+    assert torch.allclose(loaded(input_ids, mask), model.eval()(input_ids, mask), atol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_code_in_it_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": 1, "payload": Exploit(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="evil.pt: not a readable checkpoint"):
+        read_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tiny, tmp_path):
+    model, _ = tiny
+    save_checkpoint({"format": 1, "model": model.state_dict()}, tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:5000])
+    with pytest.raises(UserError, match="cut.pt: not a readable checkpoint"):
+        read_checkpoint(tmp_path / "cut.pt")
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(UserError, match="plain.pt: not a checkpoint of this toolkit"):
+        read_checkpoint(tmp_path / "plain.pt")
+    with pytest.raises(UserError, match="nothing.pt: file not found"):
+        read_checkpoint(tmp_path / "nothing.pt")
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"format": 1}))  # a plain pickle, not torch's zip format
+    with pytest.raises(UserError, match="pickle.pt: not a readable checkpoint"):
+        read_checkpoint(tmp_path / "pickle.pt")
+
+
+def test_unknown_model_gives_actionable_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"--model .*no-such-folder.*Pass --model /path/to/folder"):
+        load_pretrained(str(tmp_path / "no-such-folder"))
+
+
+def test_tiny_model_overfits_a_tiny_batch(tiny):
+    model, tokenizer = tiny
+    input_ids, mask = _batch(tokenizer, ["the team wins the cup", "stocks fall on oil", "nasa chip", "war treaty"])
+    targets = torch.tensor([1, 2, 3, 0])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(60):
+        loss = F.cross_entropy(model(input_ids, mask), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_amp_picks_bf16_on_cpu_and_trains(tiny):
+    cpu = torch.device("cpu")
+    assert pick_amp_dtype(cpu, amp=False) is None
+    assert pick_amp_dtype(cpu, amp=True) == torch.bfloat16
+    with pytest.raises(UserError, match="--amp-dtype fp16 needs a CUDA GPU"):
+        pick_amp_dtype(cpu, amp=True, amp_dtype="fp16")
+    model, tokenizer = tiny
+    input_ids, mask = _batch(tokenizer, ["the team wins the cup", "stocks fall on oil"])
+    with autocast(cpu, torch.bfloat16):
+        logits = model(input_ids, mask)
+    assert logits.dtype == torch.bfloat16
+    F.cross_entropy(logits.float(), torch.tensor([1, 2])).backward()
+    assert model.head.weight.grad.dtype == torch.float32 and torch.isfinite(model.head.weight.grad).all()
+    assert next(model.parameters()).dtype == torch.float32  # fp32 master weights
+
+
+def test_metrics_match_sklearn():
+    labels = [0, 0, 1, 1, 2, 2, 3, 3, 3, 0]
+    preds = [0, 1, 1, 1, 2, 0, 3, 3, 2, 0]
+    logits = F.one_hot(torch.tensor(preds), 4).float() * 5
+    metrics = classification_metrics(logits, labels)
+    assert metrics["accuracy"] == pytest.approx(0.7)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(logits, torch.tensor(labels)).item())
+
+
+def test_predict_returns_rows_in_their_original_order(tiny):
+    model, tokenizer = tiny
+    texts = ["nasa", "the team wins the cup again", "stocks fall on oil", "war"]
+    ids = tokenizer(texts)["input_ids"]
+    logits = model_lib.predict(model, ids, tokenizer.pad_token_id, torch.device("cpu"), batch_size=3)
+    one_by_one = torch.cat([model_lib.predict(model, [row], tokenizer.pad_token_id, torch.device("cpu")) for row in ids])
+    assert torch.allclose(logits, one_by_one, atol=1e-5)

@@ -1,0 +1,100 @@
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+import train
+from data import UserError
+
+
+def tiny_args(model_dir, data_dir, out_dir, *extra):
+    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out_dir), "--device", "cpu",
+            "--batch-size", "16", "--lr", "3e-3", "--val-size", "0.2", "--log-every", "2", *map(str, extra)]
+
+
+def test_train_end_to_end_writes_checkpoints_metrics_and_learns(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train.main(tiny_args(tiny_model_dir, tiny_data_dir, out, "--epochs", 3))
+    assert {"best.pt", "last.pt", "metrics.jsonl", "config.json", "test_metrics.json"} <= {p.name for p in out.iterdir()}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["split"] for r in evals] == ["val", "val", "val", "test"]
+    assert train_losses[-1] < 0.5 * train_losses[0]
+    assert result["val_accuracy"] == max(r["accuracy"] for r in evals[:3]) and result["val_accuracy"] > 0.9
+    assert result["test_accuracy"] == evals[-1]["accuracy"]
+    assert all(r["samples_per_s"] > 0 and r["lr"] >= 0 for r in records if r["type"] == "train")
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["class_names"] == ["World", "Sports", "Business", "Sci/Tech"] and best["config"]["epochs"] == 3
+    assert best["best_metric"] == {"name": "val_accuracy", "value": result["val_accuracy"]}
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_amp_bf16_run_on_cpu(tiny_model_dir, tiny_data_dir, tmp_path):
+    result = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 3, "--amp"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["env"]["amp_dtype"] == "bfloat16" and result["val_accuracy"] > 0.9
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    flags = ("--epochs", 2, "--save-every", 3, "--grad-accum-steps", 2)
+    straight = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
+
+    real_save, saves = train.save_checkpoint, []
+    def save_then_crash(state, path):  # dies right after the 2nd mid-epoch last.pt (step 6 of epoch 1)
+        real_save(state, path)
+        saves.append(path.name)
+        if saves.count("last.pt") == 2:
+            raise Crash
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 6
+    resumed = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags, "--resume"))
+
+    assert resumed == straight
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_resume_with_other_settings_lists_the_differences(tiny_model_dir, tiny_data_dir, tmp_path):
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
+    with pytest.raises(UserError, match=r"(?s)other settings.*--max-length: 128 then, 64 now.*--lr: 0.003 then, 0.001 now"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume", "--lr", "1e-3",
+                             "--max-length", 64))
+
+
+def test_another_runs_best_checkpoint_is_not_overwritten(tiny_model_dir, tiny_data_dir, tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"precious")
+    with pytest.raises(UserError, match="already holds best.pt from another run"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
+    assert (tmp_path / "best.pt").read_bytes() == b"precious"
+    with pytest.raises(UserError, match="--resume: no last.pt"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "empty", "--resume"))
+
+
+def test_max_length_beyond_the_model_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+    with pytest.raises(UserError, match="--max-length 512: .* takes at most 128 tokens"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--max-length", 512))
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"), ("--amp-dtype", "fp8")])
+def test_bad_flags_are_rejected_by_name(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([flag, value])
+    assert exit_info.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_notebook_argv_is_ignored(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/share/jupyter/kernel-1.json"])
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    args = train.parse_args(train.build_parser())
+    assert args.epochs == 3 and args.model == "bert-base-uncased"
