@@ -87,6 +87,7 @@ def read_csv(path, num_classes=4):
         line = text[: text.index("\0")].count("\n") + 1
         raise UserError(f"{path}:{line}: NUL byte in the file (is it really a CSV?)")
     texts, labels, dropped = [], [], 0
+    csv.field_size_limit(1 << 26)  # a huge row is read whole (then truncated by the tokenizer), not refused
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         for row in reader:
@@ -186,6 +187,47 @@ def tokenize(tokenizer, texts, max_length, chunk=2048):
         )
         ids.extend(enc["input_ids"])
     return ids
+
+
+def tokenize_cached(tokenizer, texts, max_length, cache_dir):
+    """tokenize(), cached on disk under a key made of the tokenizer, max_length and the texts themselves, so a
+    second run (or a resumed one) skips the ~10 s per 100k rows that tokenizing takes on 2 cores."""
+    key = hashlib.sha256(f"{tokenizer.backend_tokenizer.to_str()}|{max_length}|".encode())
+    for text in texts:
+        key.update(text.encode())
+        key.update(b"\0")
+    path = Path(cache_dir) / f"tokens-{key.hexdigest()[:24]}.pt"
+    if path.is_file():
+        try:
+            cached = torch.load(path, weights_only=True)
+            flat, ends = cached["ids"].tolist(), cached["lengths"].cumsum(0).tolist()
+            return [flat[end - n : end] for end, n in zip(ends, cached["lengths"].tolist())]
+        except Exception as err:  # a damaged cache file is rebuilt, never trusted
+            print(f"note: ignoring unreadable token cache {path} ({type(err).__name__})")
+    ids = tokenize(tokenizer, texts, max_length)
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        atomic_save({"ids": torch.tensor([i for row in ids for i in row], dtype=torch.int32),
+                     "lengths": torch.tensor([len(row) for row in ids])}, path)
+    except OSError as err:  # a read-only data folder: run uncached
+        print(f"note: could not write the token cache in {cache_dir} ({err.strerror}); use --cache-dir")
+    return ids
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then os.replace: a crash, a kill or a full disk
+    mid-write never leaves a half file where the previous good one was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def batch_order(lengths, batch_size, shuffle, seed=0, epoch=0, group_by_length=True):

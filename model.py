@@ -8,7 +8,6 @@ A checkpoint is a plain dict loadable with torch.load(..., weights_only=True):
 last.pt adds "optimizer", "scheduler", "scaler", "rng" and "batches_done" for --resume.
 """
 import json
-import os
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data import UserError, batch_order, collate
+from data import UserError, atomic_save, batch_order, collate
 
 CHECKPOINT_FORMAT = 1
 
@@ -157,19 +156,7 @@ def tokenizer_files(tokenizer):
 
 
 def save_checkpoint(state, path):
-    """Write atomically: a temporary file in the same folder, then os.replace, so a crash or a full disk
-    mid-write never leaves a half file where the previous good checkpoint was."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_save(state, path)  # never a half-written best.pt or last.pt, even on a kill mid-write
 
 
 def read_checkpoint(path):

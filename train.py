@@ -8,6 +8,7 @@ Reads top to bottom: flags, setup, data, model and optimizer, resume, one traini
 import argparse
 import json
 import math
+import os
 import platform
 import random
 import shutil
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import (UserError, batch_order, collate, ensure_data, parse_args, read_class_names, read_csv,
-                  stratified_split, tokenize)
+from data import (UserError, batch_order, collate, ensure_data, file_md5, parse_args, read_class_names, read_csv,
+                  stratified_split, tokenize_cached)
 from model import (CHECKPOINT_FORMAT, TopicClassifier, autocast, evaluate, load_pretrained, model_max_length,
                    pick_amp_dtype, pick_device, read_checkpoint, save_checkpoint, to_device, tokenizer_files)
 
@@ -69,6 +70,8 @@ def build_parser():
     p.add_argument("--max-train-samples", type=_positive(int), default=None, help="train on a random subset")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch rows of similar length together (less padding)")
+    p.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "agnews-bert"),
+                   help="where tokenized data is cached between runs")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--log-every", type=_positive(int), default=50, help="optimizer steps between log lines")
@@ -85,6 +88,8 @@ def prepare_output_dir(out_dir, args):
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as err:
         raise UserError(f"--output-dir {out_dir}: not writable ({err})") from None
+    for stale in out_dir.glob(".*.pt.*.tmp"):  # left by a run killed mid-write; the real files are intact
+        stale.unlink()
     if args.resume and not (out_dir / "last.pt").is_file():
         raise UserError(f"--resume: no last.pt in --output-dir {out_dir} to resume from")
     if not args.resume and not args.overwrite and (out_dir / "best.pt").exists():
@@ -116,6 +121,10 @@ def load_splits(args):
     ensure_data(args.data_dir)
     class_names = read_class_names(args.data_dir)
     texts, labels = read_csv(Path(args.data_dir) / "train.csv", len(class_names))
+    missing = [name for c, name in enumerate(class_names) if c not in set(labels)]
+    if missing:
+        raise UserError(f"{Path(args.data_dir) / 'train.csv'}: no rows of class {missing} (classes.txt lists "
+                        f"{class_names}); the model cannot learn a class it never sees")
     test = read_csv(Path(args.data_dir) / "test.csv", len(class_names))
     val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
     train_idx, val_idx = stratified_split(labels, val_size, args.seed)
@@ -141,20 +150,22 @@ def checkpoint(model, tokenizer, class_names, args, epoch, step, best_acc, **tra
             **training_state}
 
 
-def training_state(optimizer, scheduler, scaler, batches_done):
+def training_state(optimizer, scheduler, scaler, batches_done, train_md5):
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng, "batches_done": batches_done}
+            "scaler": scaler.state_dict(), "rng": rng, "batches_done": batches_done, "train_md5": train_md5}
 
 
-def resume(path, args, model, optimizer, scheduler, scaler):
+def resume(path, args, train_md5, model, optimizer, scheduler, scaler):
     """Load last.pt into model and optimizer -> (epoch, batches done in it, step, best val accuracy)."""
     state = read_checkpoint(path)
     saved = state["config"]
     diffs = [f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {getattr(args, k)!r} now"
              for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
+    if state.get("train_md5") != train_md5:
+        diffs.append(f"train.csv: md5 {state.get('train_md5')} then, {train_md5} now (the data changed)")
     if diffs:
         raise UserError(f"--resume: {path} is from a run with other settings:\n  " + "\n  ".join(diffs))
     model.load_state_dict(state["model"])
@@ -164,8 +175,26 @@ def resume(path, args, model, optimizer, scheduler, scaler):
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rewind_metrics(path.parent / "metrics.jsonl", state["step"], evaluated=state["batches_done"] == 0)
     print(f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
     return state["epoch"], state["batches_done"], state["step"], state["best_metric"]["value"]
+
+
+def rewind_metrics(path, step, evaluated):
+    """Drop the metrics.jsonl lines a killed run wrote after its last checkpoint: the resumed run writes them
+    again. An epoch-end checkpoint comes after that epoch's evaluation, a mid-epoch one before it."""
+    if not path.is_file():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = [r for r in records if r["step"] < step or r["step"] == step and (r["type"] == "train" or evaluated)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def check_finite(loss_sum, step, out_dir):
+    """Stop on a NaN/Inf loss before it reaches a checkpoint (fp16 overflow is the scaler's, and never gets here)."""
+    if not math.isfinite(loss_sum):
+        raise UserError(f"the training loss became {loss_sum} by step {step}; stopping. The last good checkpoints "
+                        f"in {out_dir} are kept. Try a lower --lr, or --amp-dtype bf16 instead of fp16.")
 
 
 def log_line(log_file, record):
@@ -188,11 +217,14 @@ def main(argv=None):
 
     # ---- data: read, clean, split, tokenize once (each batch is padded to its own longest row later)
     class_names, (train_texts, train_labels), (val_texts, val_labels), (test_texts, test_labels) = load_splits(args)
+    train_md5 = file_md5(Path(args.data_dir) / "train.csv")  # --resume checks the data is the same
     encoder, tokenizer = load_pretrained(args.model)
     limit = model_max_length(tokenizer, encoder.config)
     if args.max_length > limit:
         raise UserError(f"--max-length {args.max_length}: {args.model} takes at most {limit} tokens")
-    train_ids, val_ids, test_ids = (tokenize(tokenizer, t, args.max_length) for t in (train_texts, val_texts, test_texts))
+    cache_dir = Path(args.cache_dir).expanduser()
+    train_ids, val_ids, test_ids = (tokenize_cached(tokenizer, texts, args.max_length, cache_dir)
+                                    for texts in (train_texts, val_texts, test_texts))
     train_lengths, train_labels_t = [len(t) for t in train_ids], torch.tensor(train_labels)
     pad_id, pad_multiple = tokenizer.pad_token_id, 8 if amp_dtype is not None else 1  # x8: tensor-core shapes
     print(f"train {len(train_ids)} rows, val {len(val_ids)}, test {len(test_ids)}; mean train length "
@@ -211,7 +243,8 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op unless fp16
     start_epoch, batches_done, step, best_acc = 0, 0, 0, -1.0
     if args.resume:
-        start_epoch, batches_done, step, best_acc = resume(out_dir / "last.pt", args, model, optimizer, scheduler, scaler)
+        start_epoch, batches_done, step, best_acc = resume(
+            out_dir / "last.pt", args, train_md5, model, optimizer, scheduler, scaler)
     save = lambda name, epoch, **extra: save_checkpoint(  # noqa: E731
         checkpoint(model, tokenizer, class_names, args, epoch, step, best_acc, **extra), out_dir / name)
 
@@ -253,10 +286,9 @@ def main(argv=None):
                 elapsed = time.perf_counter() - window_start
                 record = {"type": "train", "epoch": epoch + 1, "step": step,
                           "loss": loss_sum.item() / window_steps, "lr": scheduler.get_last_lr()[0],
-                          "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed}
-                if not math.isfinite(record["loss"]):
-                    raise UserError(f"the training loss became {record['loss']} by step {step}; stopping. The last "
-                                    f"good checkpoints in {out_dir} are kept. Try a lower --lr or --amp-dtype bf16.")
+                          "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
+                          "window_s": elapsed}
+                check_finite(record["loss"], step, out_dir)
                 log_line(log_file, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 samples_s=f"{record['samples_per_s']:.1f}")
@@ -265,7 +297,8 @@ def main(argv=None):
                 loss_sum.zero_()
                 window_steps, window_samples, window_tokens, window_start = 0, 0, 0, time.perf_counter()
             if args.save_every and step % args.save_every == 0:
-                save("last.pt", epoch, **training_state(optimizer, scheduler, scaler, first + len(group)))
+                check_finite(loss_sum.item(), step, out_dir)
+                save("last.pt", epoch, **training_state(optimizer, scheduler, scaler, first + len(group), train_md5))
         batches_done = 0
 
         metrics, _ = evaluate(model, val_ids, val_labels, pad_id, device, amp_dtype, args.eval_batch_size)
@@ -276,7 +309,7 @@ def main(argv=None):
             best_acc = metrics["accuracy"]
             save("best.pt", epoch + 1)
             tqdm.write(f"saved {out_dir / 'best.pt'} (val accuracy {best_acc:.4f})")
-        save("last.pt", epoch + 1, **training_state(optimizer, scheduler, scaler, 0))
+        save("last.pt", epoch + 1, **training_state(optimizer, scheduler, scaler, 0, train_md5))
         window_start = time.perf_counter()  # evaluation time is not training throughput
     bar.close()
 

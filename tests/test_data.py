@@ -175,3 +175,14 @@ def test_length_grouping_cuts_padding():
     assert grouped < 0.7 * random_
     eval_batches = batch_order(lengths, 32, shuffle=False)
     assert [lengths[b[0]] for b in eval_batches] == sorted((lengths[b[0]] for b in eval_batches), reverse=True)
+
+
+def test_a_huge_row_is_read_whole_and_truncated_later(tmp_path):
+    description = "word " * 200_000  # 1 MB, beyond csv's default 128 KB field limit
+    texts, _ = read_csv(_write(tmp_path, f'"1","t","{description}"\n'))
+    assert len(texts[0]) == len("t " + description.strip())
+
+
+def test_unterminated_quote_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match=r"train.csv:\d+: malformed CSV"):
+        read_csv(_write(tmp_path, '"1","title","description\n"2","b","c"\n'))

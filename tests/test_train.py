@@ -11,6 +11,7 @@ from data import UserError
 
 def tiny_args(model_dir, data_dir, out_dir, *extra):
     return ["--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out_dir), "--device", "cpu",
+            "--cache-dir", str(data_dir / ".cache"),
             "--batch-size", "16", "--lr", "3e-3", "--val-size", "0.2", "--log-every", "2", *map(str, extra)]
 
 
@@ -98,3 +99,22 @@ def test_notebook_argv_is_ignored(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     args = train.parse_args(train.build_parser())
     assert args.epochs == 3 and args.model == "bert-base-uncased"
+
+
+def test_a_class_missing_from_train_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+    rows = [line for line in (tiny_data_dir / "train.csv").read_text().splitlines() if not line.startswith('"3"')]
+    (tiny_data_dir / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r"train.csv: no rows of class \['Business'\]"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
+
+
+def test_a_one_row_train_file_is_a_clear_error(tiny_model_dir, tiny_data_dir, tmp_path):
+    (tiny_data_dir / "train.csv").write_text('"1","Minister wins election","after the war"\n')
+    with pytest.raises(UserError, match=r"train.csv: no rows of class \['Sports', 'Business', 'Sci/Tech'\]"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
+
+
+def test_too_few_rows_for_a_stratified_split_is_a_clear_error(tiny_model_dir, tiny_data_dir, tmp_path):
+    (tiny_data_dir / "train.csv").write_text("".join(f'"{c}","title {c}","text"\n' for c in (1, 2, 3, 4)))
+    with pytest.raises(UserError, match="--val-size 0.2: cannot carve a stratified split from 4 rows"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))

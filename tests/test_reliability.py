@@ -1,0 +1,79 @@
+"""Kill -9 at any point and resume to the same result; bad numbers stop the run without harming checkpoints."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from data import UserError
+from test_train import tiny_args
+
+KILLER = Path(__file__).with_name("killer.py")
+FLAGS = ("--epochs", 2, "--save-every", 2)
+
+
+@pytest.fixture
+def straight_run(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "straight"
+    result = train.main(tiny_args(tiny_model_dir, tiny_data_dir, out, *FLAGS))
+    return out, result
+
+
+def _evals(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["type"] == "eval"], [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
+
+
+# 16 steps in all (8 an epoch), last.pt every 2 steps and at each epoch end; files written: last.pt at steps
+# 2, 4, 6, 8, then best.pt and last.pt at the end of epoch 1, ...
+@pytest.mark.parametrize("point, n", [("step", 5), ("eval", 1), ("write", 5), ("write", 6), ("step", 13)])
+def test_sigkill_then_resume_gives_the_same_weights_and_metrics(point, n, straight_run, tiny_model_dir,
+                                                               tiny_data_dir, tmp_path):
+    out, result = straight_run
+    killed = tmp_path / "killed"
+    flags = tiny_args(tiny_model_dir, tiny_data_dir, killed, *FLAGS)
+    proc = subprocess.run([sys.executable, str(KILLER), point, str(n), "--", *flags], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert torch.load(killed / "last.pt", weights_only=True)["format"] == 1  # the previous last.pt is intact
+
+    assert train.main(flags + ["--resume"]) == result
+    a = torch.load(out / "last.pt", weights_only=True)["model"]
+    b = torch.load(killed / "last.pt", weights_only=True)["model"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    (evals_a, losses_a), (evals_b, losses_b) = _evals(out), _evals(killed)
+    assert evals_a == evals_b and losses_a == losses_b  # nothing logged twice or lost
+    assert not list(killed.glob(".*.tmp"))
+
+
+def test_resume_on_changed_data_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
+    with open(tiny_data_dir / "train.csv", "a") as f:
+        f.write('"1","One more row","about the minister"\n')
+    with pytest.raises(UserError, match="train.csv: md5 .* then, .* now"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                    monkeypatch):
+    real_cross_entropy, calls = train.F.cross_entropy, []
+
+    def poisoned(logits, targets):
+        calls.append(1)
+        loss = real_cross_entropy(logits, targets)
+        return loss * float("nan") if len(calls) == 5 else loss
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    with pytest.raises(UserError, match="loss became nan by step 6; stopping. The last good checkpoints"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--save-every", 2,
+                             "--log-every", 100))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_unwritable_output_dir_is_refused_before_training(tiny_model_dir, tiny_data_dir, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(UserError, match="--output-dir .*a-file/run: not writable"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a-file" / "run"))
