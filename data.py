@@ -3,8 +3,10 @@
 The CSV format is the original one (no header, every field quoted, `class index 1-4, title, description`);
 a headered variant (`Class Index,Title,Description`) is accepted too. Text = title + description.
 """
+import argparse
 import csv
 import hashlib
+import random
 import html
 import io
 import os
@@ -30,12 +32,36 @@ class UserError(SystemExit):
         super().__init__(f"error: {message}")
 
 
+def in_notebook():
+    """True in a Jupyter/Colab kernel. There a script's `__main__` guard only defines main() (the cell is then
+    `main([...flags])`), and sys.argv holds Jupyter's `-f kernel.json`, which is not ours to parse."""
+    return "ipykernel" in sys.modules
+
+
 def parse_args(parser, argv=None):
-    """parser.parse_args, but safe in a notebook: there sys.argv holds Jupyter's `-f kernel.json`,
-    which is not ours, so a bare main() in a cell parses nothing instead."""
+    """parser.parse_args, but safe in a notebook: a bare main() in a cell parses no flags at all."""
     if argv is None:
-        argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
+        argv = [] if in_notebook() else sys.argv[1:]
     return parser.parse_args([str(a) for a in argv])
+
+
+def positive(kind):
+    """An argparse type: kind(text) > 0, else argparse names the flag: `argument --epochs: must be > 0, got 0`."""
+    def check(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return check
+
+
+def non_negative(kind):
+    def check(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    return check
 
 
 # ---------------------------------------------------------------------------------------------- cleaning
@@ -64,7 +90,8 @@ def clean_text(text):
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _decode(path, raw):
+def decode_utf8(path, raw):
+    """bytes -> str, or an error naming the file and the line of the first bad byte."""
     try:
         return raw.decode("utf-8-sig")  # -sig: a BOM some editors add is not part of the first field
     except UnicodeDecodeError as err:
@@ -82,7 +109,7 @@ def read_csv(path, num_classes=4):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    text = _decode(path, path.read_bytes())
+    text = decode_utf8(path, path.read_bytes())
     if "\0" in text:
         line = text[: text.index("\0")].count("\n") + 1
         raise UserError(f"{path}:{line}: NUL byte in the file (is it really a CSV?)")
@@ -118,7 +145,7 @@ def read_class_names(data_dir):
     path = Path(data_dir) / "classes.txt"
     if not path.is_file():
         return list(DEFAULT_CLASS_NAMES)
-    names = [line.strip() for line in _decode(path, path.read_bytes()).splitlines() if line.strip()]
+    names = [line.strip() for line in decode_utf8(path, path.read_bytes()).splitlines() if line.strip()]
     if len(names) < 2:
         raise UserError(f"{path}: expected one class name per line, found {len(names)}")
     return names
@@ -174,6 +201,25 @@ def stratified_split(labels, val_size, seed):
     except ValueError as err:
         raise UserError(f"--val-size {val_size}: cannot carve a stratified split from {len(labels)} rows ({err})")
     return sorted(train_idx), sorted(val_idx)
+
+
+def load_splits(data_dir, val_size, seed, max_train_samples=None):
+    """-> class names and (texts, labels) of the train, validation and test splits. The validation rows are a
+    stratified, seeded share of train.csv: the same (val_size, seed) always gives the same rows, which is how
+    evaluate.py --split val finds the rows a run validated on."""
+    ensure_data(data_dir)
+    class_names = read_class_names(data_dir)
+    texts, labels = read_csv(Path(data_dir) / "train.csv", len(class_names))
+    missing = [name for c, name in enumerate(class_names) if c not in set(labels)]
+    if missing:
+        raise UserError(f"{Path(data_dir) / 'train.csv'}: no rows of class {missing} (classes.txt lists "
+                        f"{class_names}); the model cannot learn a class it never sees")
+    test = read_csv(Path(data_dir) / "test.csv", len(class_names))
+    train_idx, val_idx = stratified_split(labels, int(val_size) if val_size >= 1 else val_size, seed)
+    if max_train_samples and max_train_samples < len(train_idx):
+        train_idx = sorted(random.Random(seed).sample(train_idx, max_train_samples))
+    pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
+    return class_names, pick(train_idx), pick(val_idx), test
 
 
 # ---------------------------------------------------------------------------------------------- tokens

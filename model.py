@@ -8,6 +8,7 @@ A checkpoint is a plain dict loadable with torch.load(..., weights_only=True):
 last.pt adds "optimizer", "scheduler", "scaler", "rng" and "batches_done" for --resume.
 """
 import json
+import platform
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -102,6 +103,24 @@ def autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+def environment(device, amp_dtype):
+    """Versions and hardware, printed at start and stored next to the outputs."""
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "device": str(device), "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+           "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return env
+
+
+def pad_multiple(device, amp_dtype):
+    """Pad batches to a multiple of 8 tokens under mixed precision on a GPU, where tensor cores want such shapes;
+    on a CPU the extra padding is only extra work."""
+    return 8 if device.type == "cuda" and amp_dtype is not None else 1
+
+
 def to_device(tensors, device):
     # Pinned memory lets the host-to-GPU copy overlap with compute.
     if device.type == "cuda":
@@ -117,9 +136,8 @@ def predict(model, token_ids, pad_id, device, amp_dtype=None, batch_size=128, fn
     was_training = model.training
     model.eval()
     chunks, order = [], []
-    pad_multiple = 8 if amp_dtype is not None else 1
     for rows in batch_order([len(t) for t in token_ids], batch_size, shuffle=False):
-        input_ids, attention_mask = to_device(collate(token_ids, rows, pad_id, pad_multiple), device)
+        input_ids, attention_mask = to_device(collate(token_ids, rows, pad_id, pad_multiple(device, amp_dtype)), device)
         with autocast(device, amp_dtype):
             out = model(input_ids, attention_mask) if fn == "logits" else model.embed(input_ids, attention_mask)
         chunks.append(out.float())

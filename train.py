@@ -9,8 +9,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import random
 import shutil
 import tempfile
 import time
@@ -20,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data import (UserError, batch_order, collate, ensure_data, file_md5, parse_args, read_class_names, read_csv,
-                  stratified_split, tokenize_cached)
-from model import (CHECKPOINT_FORMAT, TopicClassifier, autocast, evaluate, load_pretrained, model_max_length,
-                   pick_amp_dtype, pick_device, read_checkpoint, save_checkpoint, to_device, tokenizer_files)
+from data import (UserError, batch_order, collate, file_md5, in_notebook, load_splits, non_negative, parse_args,
+                  positive, tokenize_cached)
+from model import (CHECKPOINT_FORMAT, TopicClassifier, autocast, environment, evaluate, load_pretrained,
+                   model_max_length, pad_multiple, pick_amp_dtype, pick_device, read_checkpoint, save_checkpoint, to_device,
+                   tokenizer_files)
 
 # Flags that must be the same to --resume a run: they fix the data, the batches or the LR schedule.
 RESUME_KEYS = ("model", "data_dir", "max_length", "batch_size", "grad_accum_steps", "epochs", "lr",
@@ -31,51 +30,33 @@ RESUME_KEYS = ("model", "data_dir", "max_length", "batch_size", "grad_accum_step
                "group_by_length", "amp", "amp_dtype")
 
 
-def _positive(kind):
-    def check(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return check
-
-
-def _non_negative(kind):
-    def check(text):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    return check
-
-
 def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune a BERT-family encoder on AG News.")
     p.add_argument("--model", default="bert-base-uncased", help="hub name or local folder of an encoder")
     p.add_argument("--data-dir", default="data/ag_news", help="folder with train.csv, test.csv (downloaded if missing)")
     p.add_argument("--output-dir", default=".", help="where best.pt, last.pt and metrics.jsonl go")
-    p.add_argument("--epochs", type=_positive(int), default=3)
-    p.add_argument("--batch-size", type=_positive(int), default=32)
-    p.add_argument("--eval-batch-size", type=_positive(int), default=128)
-    p.add_argument("--lr", type=_positive(float), default=2e-5)
-    p.add_argument("--weight-decay", type=_non_negative(float), default=0.01)
-    p.add_argument("--warmup-ratio", type=_non_negative(float), default=0.1)
-    p.add_argument("--max-grad-norm", type=_positive(float), default=1.0)
-    p.add_argument("--grad-accum-steps", type=_positive(int), default=1)
-    p.add_argument("--dropout", type=_non_negative(float), default=0.1, help="dropout before the head")
+    p.add_argument("--epochs", type=positive(int), default=3)
+    p.add_argument("--batch-size", type=positive(int), default=32)
+    p.add_argument("--eval-batch-size", type=positive(int), default=128)
+    p.add_argument("--lr", type=positive(float), default=2e-5)
+    p.add_argument("--weight-decay", type=non_negative(float), default=0.01)
+    p.add_argument("--warmup-ratio", type=non_negative(float), default=0.1)
+    p.add_argument("--max-grad-norm", type=positive(float), default=1.0)
+    p.add_argument("--grad-accum-steps", type=positive(int), default=1)
+    p.add_argument("--dropout", type=non_negative(float), default=0.1, help="dropout before the head")
     p.add_argument("--amp", action="store_true", help="mixed precision: bf16 where native, else fp16 + GradScaler")
     p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
-    p.add_argument("--max-length", type=_positive(int), default=128, help="truncate texts to this many tokens")
-    p.add_argument("--val-size", type=_positive(float), default=0.05, help="fraction (or row count) of train.csv")
-    p.add_argument("--max-train-samples", type=_positive(int), default=None, help="train on a random subset")
+    p.add_argument("--max-length", type=positive(int), default=128, help="truncate texts to this many tokens")
+    p.add_argument("--val-size", type=positive(float), default=0.05, help="fraction (or row count) of train.csv")
+    p.add_argument("--max-train-samples", type=positive(int), default=None, help="train on a random subset")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch rows of similar length together (less padding)")
     p.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "agnews-bert"),
                    help="where tokenized data is cached between runs")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--log-every", type=_positive(int), default=50, help="optimizer steps between log lines")
-    p.add_argument("--save-every", type=_non_negative(int), default=0, help="also write last.pt every N steps")
+    p.add_argument("--log-every", type=positive(int), default=50, help="optimizer steps between log lines")
+    p.add_argument("--save-every", type=non_negative(int), default=0, help="also write last.pt every N steps")
     p.add_argument("--resume", action="store_true", help="continue from last.pt in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="replace another run's best.pt in --output-dir")
     return p
@@ -102,36 +83,8 @@ def check_room(out_dir, model):
     need = sum(p.numel() for p in model.parameters()) * 4 * (3 + 1 + 1)
     free = shutil.disk_usage(out_dir).free
     if free < need:
-        raise UserError(f"--output-dir {out_dir}: {free / 2**30:.1f} GiB free, checkpoints need ~{need / 2**30:.1f} GiB")
-
-
-def environment(device, amp_dtype):
-    import transformers
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "device": str(device), "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-           "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    return env
-
-
-def load_splits(args):
-    """-> class names and (token-free) texts/labels of the train, val and test splits."""
-    ensure_data(args.data_dir)
-    class_names = read_class_names(args.data_dir)
-    texts, labels = read_csv(Path(args.data_dir) / "train.csv", len(class_names))
-    missing = [name for c, name in enumerate(class_names) if c not in set(labels)]
-    if missing:
-        raise UserError(f"{Path(args.data_dir) / 'train.csv'}: no rows of class {missing} (classes.txt lists "
-                        f"{class_names}); the model cannot learn a class it never sees")
-    test = read_csv(Path(args.data_dir) / "test.csv", len(class_names))
-    val_size = int(args.val_size) if args.val_size >= 1 else args.val_size
-    train_idx, val_idx = stratified_split(labels, val_size, args.seed)
-    if args.max_train_samples and args.max_train_samples < len(train_idx):
-        train_idx = sorted(random.Random(args.seed).sample(train_idx, args.max_train_samples))
-    pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
-    return class_names, pick(train_idx), pick(val_idx), test
+        raise UserError(f"--output-dir {out_dir}: {free / 2**30:.1f} GiB free, checkpoints need "
+                        f"~{need / 2**30:.1f} GiB")
 
 
 def make_optimizer(model, args, device):
@@ -139,7 +92,7 @@ def make_optimizer(model, args, device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=args.lr, fused=True)
 
 
 def checkpoint(model, tokenizer, class_names, args, epoch, step, best_acc, **training_state):
@@ -216,7 +169,8 @@ def main(argv=None):
     (out_dir / "config.json").write_text(json.dumps({"config": vars(args), "env": env}, indent=1))
 
     # ---- data: read, clean, split, tokenize once (each batch is padded to its own longest row later)
-    class_names, (train_texts, train_labels), (val_texts, val_labels), (test_texts, test_labels) = load_splits(args)
+    class_names, (train_texts, train_labels), (val_texts, val_labels), (test_texts, test_labels) = load_splits(
+        args.data_dir, args.val_size, args.seed, args.max_train_samples)
     train_md5 = file_md5(Path(args.data_dir) / "train.csv")  # --resume checks the data is the same
     encoder, tokenizer = load_pretrained(args.model)
     limit = model_max_length(tokenizer, encoder.config)
@@ -226,7 +180,7 @@ def main(argv=None):
     train_ids, val_ids, test_ids = (tokenize_cached(tokenizer, texts, args.max_length, cache_dir)
                                     for texts in (train_texts, val_texts, test_texts))
     train_lengths, train_labels_t = [len(t) for t in train_ids], torch.tensor(train_labels)
-    pad_id, pad_multiple = tokenizer.pad_token_id, 8 if amp_dtype is not None else 1  # x8: tensor-core shapes
+    pad_id, multiple = tokenizer.pad_token_id, pad_multiple(device, amp_dtype)
     print(f"train {len(train_ids)} rows, val {len(val_ids)}, test {len(test_ids)}; mean train length "
           f"{sum(train_lengths) / len(train_lengths):.1f} tokens; classes {class_names}")
 
@@ -261,7 +215,7 @@ def main(argv=None):
             group = batches[first : first + args.grad_accum_steps]
             for rows in group:
                 input_ids, attention_mask, targets = to_device(
-                    [*collate(train_ids, rows, pad_id, pad_multiple), train_labels_t[rows]], device)
+                    [*collate(train_ids, rows, pad_id, multiple), train_labels_t[rows]], device)
                 with autocast(device, amp_dtype):
                     logits = model(input_ids, attention_mask)
                 loss = F.cross_entropy(logits.float(), targets) / len(group)
@@ -333,5 +287,5 @@ def warn_if_slow(seconds_per_step, steps_left):
                    f"if not set, or a GPU (Colab: Runtime > Change runtime type > GPU).")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not in_notebook():  # pasted into a cell: define main(), run nothing
     main()

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import train  # noqa: E402
-from data import parse_args, read_csv, tokenize  # noqa: E402
+from data import load_splits, parse_args, tokenize  # noqa: E402
 
 SETUPS = ["trainer_default", "trainer_best", "ours_fp32", "ours_amp"]
 WARMUP_STEPS = 5
@@ -72,8 +72,7 @@ def prepare_data(args, work):
     (work / "data" / "train.csv").write_text("".join(lines[:n]), encoding="utf-8")
     test_lines = (src / "test.csv").read_text(encoding="utf-8").splitlines(keepends=True)
     (work / "data" / "test.csv").write_text("".join(test_lines if args.full_epoch else test_lines[:64]), encoding="utf-8")
-    ns = argparse.Namespace(data_dir=str(work / "data"), val_size=64, seed=42, max_train_samples=None)
-    _, train_split, _, test_split = train.load_splits(ns)  # exactly the rows train.py will train on
+    _, train_split, _, test_split = load_splits(work / "data", 64, seed=42)  # exactly the rows train.py trains on
     return train_split, test_split
 
 
@@ -168,8 +167,10 @@ def run_trainer(name, args, work, model_name, device, train_split, test_split):
     samples = (last - WARMUP_STEPS) * args.batch_size
     result = {"samples_per_s": samples / (step_times[last] - step_times[WARMUP_STEPS])}
     if args.full_epoch:
-        logits = trainer.predict(dataset(*test_split)).predictions
-        result["test_accuracy"] = float((logits.argmax(-1) == test_split[1]).mean())
+        # label_ids, not test_split's order: with group_by_length, transformers 5 also length-groups (so reorders)
+        # the evaluation rows.
+        out = trainer.predict(dataset(*test_split))
+        result["test_accuracy"] = float((out.predictions.argmax(-1) == out.label_ids).mean())
     return result
 
 

@@ -1,10 +1,8 @@
-import csv
 import hashlib
 import io
 import urllib.error
 
 import pytest
-import torch
 
 import data
 from data import UserError, batch_order, clean_text, collate, read_csv, stratified_split, tokenize

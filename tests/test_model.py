@@ -81,7 +81,7 @@ def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tiny, tmp_pa
         read_checkpoint(tmp_path / "plain.pt")
     with pytest.raises(UserError, match="nothing.pt: file not found"):
         read_checkpoint(tmp_path / "nothing.pt")
-    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"format": 1}))  # a plain pickle, not torch's zip format
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"format": 1}, protocol=2))  # a plain pickle, not torch's zip format
     with pytest.raises(UserError, match="pickle.pt: not a readable checkpoint"):
         read_checkpoint(tmp_path / "pickle.pt")
 

@@ -1,0 +1,93 @@
+"""A web page to try a trained checkpoint: type a news headline, see the four topic probabilities.
+
+    pip install -r requirements-app.txt                 # gradio: an optional dependency, used only here
+    python app.py --ckpt best.pt                        # then open http://127.0.0.1:7860
+    python app.py --ckpt best.pt --host 0.0.0.0 --port 8080   # reachable from other machines: no login!
+
+The page calls predict.py's load_classifier, the command line's inference path. It is also an API:
+    from gradio_client import Client
+    Client("http://127.0.0.1:7860/").predict("Stocks rally ...", api_name="/predict")
+    # -> {"label": "Business", "confidences": [{"label": "Business", "confidence": 0.95}, ...]}
+"""
+import argparse
+import os
+
+from data import UserError, clean_text, in_notebook, parse_args
+from predict import load_classifier
+
+EXAMPLES = [
+    "Stocks rally as the Fed signals a pause in interest rate hikes",
+    "Late goal lifts United to a 2-1 win over City in the derby",
+    "NASA telescope spots water vapour on a distant planet",
+    "Peace talks resume as the ceasefire holds along the border",
+    "Oil prices hit a record high as supply fears grow",
+]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="A Gradio page (and HTTP API) that classifies news headlines.")
+    p.add_argument("--ckpt", default="best.pt", help="checkpoint written by train.py")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 exposes it to the network")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", action="store_true", help="autocast: bf16 where native, else fp16 (CUDA only)")
+    p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
+    return p
+
+
+def import_gradio():
+    # Gradio reads this at import and would otherwise send usage analytics; this app never phones home.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    try:
+        import gradio
+    except ImportError:
+        raise UserError("app.py needs gradio, an optional dependency: pip install -r requirements-app.txt") from None
+    return gradio
+
+
+def build_app(gr, classify, class_names, title):
+    """The page: a textbox, a Label with every class's probability, example headlines. API name: /predict."""
+    def topic_probabilities(text):
+        if not text or not clean_text(text):
+            raise gr.Error("Type a headline (or a headline and its first sentence) first.")
+        return dict(zip(class_names, classify([text])[0].tolist()))
+
+    with gr.Blocks(title="News topic classifier", analytics_enabled=False) as demo:
+        gr.Markdown(f"## News topic classifier\n{title}")
+        label = gr.Label(num_top_classes=len(class_names), label="Topic probabilities", render=False)
+        with gr.Row():
+            with gr.Column():
+                text = gr.Textbox(label="Headline or short news text", value=EXAMPLES[0], lines=3)
+                button = gr.Button("Classify", variant="primary")
+                # cache_examples=False: nothing is computed at launch or written to disk; a click classifies.
+                gr.Examples(EXAMPLES, inputs=text, outputs=label, fn=topic_probabilities, run_on_click=True,
+                            cache_examples=False, label="Examples (click one)")
+            label.render()  # created above so the examples can target it; shown here, right of the text
+        button.click(topic_probabilities, text, label, api_name="predict")
+        text.submit(topic_probabilities, text, label, api_visibility="private")
+        # Classify the pre-filled example as the page opens, so it never starts with an empty chart.
+        demo.load(topic_probabilities, text, label, api_visibility="private")
+    return demo
+
+
+def describe(ckpt_path, info):
+    enc = info["encoder_config"]
+    return (f"Checkpoint `{ckpt_path}`: a {enc.get('num_hidden_layers', '?')}-layer {enc.get('model_type', '?')} "
+            f"encoder, epoch {info['epoch']}, validation accuracy {info['best_metric']['value']:.3f}. "
+            f"Topics: {', '.join(info['class_names'])}.")
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    gr = import_gradio()  # before loading the model: fail in a second, not after it
+    classify, info = load_classifier(args.ckpt, args.device, args.amp, args.amp_dtype)
+    demo = build_app(gr, classify, info["class_names"], describe(args.ckpt, info))
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+    except OSError:  # gradio's "Cannot find empty port", whose advice names its own settings, not our flags
+        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there (the port is in use, or the "
+                        f"address is not one of this machine's); try another --port") from None
+
+
+if __name__ == "__main__" and not in_notebook():  # pasted into a cell: define main(), run nothing
+    main()

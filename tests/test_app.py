@@ -1,0 +1,87 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import make_rows, write_csv
+
+import app
+import train
+from data import UserError
+from test_train import tiny_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_model_dir, tmp_path_factory):
+    data_dir, out = tmp_path_factory.mktemp("ag_news"), tmp_path_factory.mktemp("run")
+    write_csv(data_dir / "train.csv", make_rows(80, seed=1))
+    write_csv(data_dir / "test.csv", make_rows(10, seed=2))
+    train.main(tiny_args(tiny_model_dir, data_dir, out, "--epochs", 1))
+    return out / "best.pt"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_page(url, proc, log, seconds=90):
+    """Poll until the app answers; fail early, with its log, if it dies first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"app.py did not answer on {url} within {seconds} s:\n{log.read_text()}")
+
+
+def test_app_serves_one_prediction_over_http(tiny_ckpt, tmp_path):
+    from gradio_client import Client
+
+    port, log = free_port(), tmp_path / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--ckpt", str(tiny_ckpt), "--device", "cpu",
+                                 "--port", str(port)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for_page(url, proc, log)
+        client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+        result = client.predict("the team wins the cup", api_name="/predict")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+    confidences = {c["label"]: c["confidence"] for c in result["confidences"]}
+    assert sorted(confidences) == sorted(CLASS_NAMES) and abs(sum(confidences.values()) - 1) < 1e-4
+    assert result["label"] in CLASS_NAMES and result["label"] == max(confidences, key=confidences.get)
+    assert "127.0.0.1" in log.read_text()
+
+
+def test_missing_gradio_is_a_clear_error_and_analytics_are_off(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)  # and restored after the test
+    with pytest.raises(UserError, match="needs gradio.*pip install -r requirements-app.txt"):
+        app.main(["--ckpt", "never-loaded.pt"])
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"  # set before gradio is imported
+
+
+def test_defaults_listen_on_localhost_only():
+    args = app.parse_args(app.build_parser(), ["--ckpt", "x.pt"])
+    assert (args.host, args.port) == ("127.0.0.1", 7860)
