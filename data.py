@@ -9,6 +9,7 @@ import hashlib
 import random
 import html
 import io
+import json
 import os
 import re
 import sys
@@ -238,7 +239,10 @@ def tokenize(tokenizer, texts, max_length, chunk=2048):
 def tokenize_cached(tokenizer, texts, max_length, cache_dir):
     """tokenize(), cached on disk under a key made of the tokenizer, max_length and the texts themselves, so a
     second run (or a resumed one) skips the ~10 s per 100k rows that tokenizing takes on 2 cores."""
-    key = hashlib.sha256(f"{tokenizer.backend_tokenizer.to_str()}|{max_length}|".encode())
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)  # state that tokenizing itself sets: not part of what the ids depend on
+    spec.pop("padding", None)
+    key = hashlib.sha256(f"{json.dumps(spec, sort_keys=True)}|{max_length}|".encode())
     for text in texts:
         key.update(text.encode())
         key.update(b"\0")

@@ -83,8 +83,8 @@ def check_room(out_dir, model):
     need = sum(p.numel() for p in model.parameters()) * 4 * (3 + 1 + 1)
     free = shutil.disk_usage(out_dir).free
     if free < need:
-        raise UserError(f"--output-dir {out_dir}: {free / 2**30:.1f} GiB free, checkpoints need "
-                        f"~{need / 2**30:.1f} GiB")
+        raise UserError(f"--output-dir {out_dir}: {free / 2**20:,.0f} MiB free, checkpoints need "
+                        f"~{need / 2**20:,.0f} MiB")
 
 
 def make_optimizer(model, args, device):
@@ -139,7 +139,8 @@ def rewind_metrics(path, step, evaluated):
     if not path.is_file():
         return
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in records if r["step"] < step or r["step"] == step and (r["type"] == "train" or evaluated)]
+    keep = [r for r in records if r.get("split") != "test"  # the final report comes after every checkpoint
+            and (r["step"] < step or r["step"] == step and (r["type"] == "train" or evaluated))]
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 

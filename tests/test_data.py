@@ -184,3 +184,25 @@ def test_a_huge_row_is_read_whole_and_truncated_later(tmp_path):
 def test_unterminated_quote_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"train.csv:\d+: malformed CSV"):
         read_csv(_write(tmp_path, '"1","title","description\n"2","b","c"\n'))
+
+
+def test_token_cache_is_hit_on_the_same_input_and_missed_on_a_change(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["the team wins", "stocks fall on oil", "nasa"]
+    first = data.tokenize_cached(tokenizer, texts, 16, tmp_path)
+    assert first == tokenize(tokenizer, texts, 16) and len(list(tmp_path.iterdir())) == 1
+
+    calls = []
+    real_tokenize = data.tokenize
+    monkeypatch.setattr(data, "tokenize", lambda *a: calls.append(a) or real_tokenize(*a))
+    assert data.tokenize_cached(AutoTokenizer.from_pretrained(tiny_model_dir), texts, 16, tmp_path) == first
+    assert calls == []  # served from the cache, by a fresh tokenizer too
+    data.tokenize_cached(tokenizer, texts, 3, tmp_path)
+    data.tokenize_cached(tokenizer, texts + ["war"], 16, tmp_path)
+    assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 3
+
+    for cached in tmp_path.iterdir():
+        cached.write_bytes(b"damaged")
+    assert data.tokenize_cached(tokenizer, texts, 16, tmp_path) == first and len(calls) == 3

@@ -118,3 +118,26 @@ def test_too_few_rows_for_a_stratified_split_is_a_clear_error(tiny_model_dir, ti
     (tiny_data_dir / "train.csv").write_text("".join(f'"{c}","title {c}","text"\n' for c in (1, 2, 3, 4)))
     with pytest.raises(UserError, match="--val-size 0.2: cannot carve a stratified split from 4 rows"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
+
+
+def test_a_run_of_hours_on_a_cpu_is_announced_with_what_to_do(capsys):
+    train.warn_if_slow(seconds_per_step=2.0, steps_left=10_000)
+    out = capsys.readouterr().out
+    assert "about 5.6 hours" in out and "--max-train-samples" in out and "smaller --model" in out
+    train.warn_if_slow(seconds_per_step=0.5, steps_left=1_000)
+    assert capsys.readouterr().out == ""
+
+
+def test_too_little_disk_for_checkpoints_is_refused_before_training(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    with pytest.raises(UserError, match=r"--output-dir .*: 0 MiB free, checkpoints need ~\d+ MiB"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_resuming_a_finished_run_reports_again_without_duplicate_lines(tiny_model_dir, tiny_data_dir, tmp_path):
+    first = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume")) == first
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines
