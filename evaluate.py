@@ -58,8 +58,21 @@ def load_split(ckpt, ckpt_path, data_dir, split):
     return val
 
 
-def default_output_dir(args):
-    return Path(args.output_dir) if args.output_dir else Path(args.ckpt).resolve().parent
+def output_dir(args):
+    """--output-dir, or the checkpoint's folder; created if need be."""
+    out_dir = Path(args.output_dir) if args.output_dir else Path(args.ckpt).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def load_run(args):
+    """What evaluate.py and visualize.py both start from -> device, AMP dtype, (model, tokenizer, checkpoint),
+    the data folder, and the --split's (texts, labels)."""
+    device = pick_device(args.device)
+    amp_dtype = pick_amp_dtype(device, args.amp)
+    model, tokenizer, ckpt = load_model(args.ckpt, device)
+    data_dir = args.data_dir or ckpt["config"]["data_dir"]
+    return device, amp_dtype, (model, tokenizer, ckpt), data_dir, load_split(ckpt, args.ckpt, data_dir, args.split)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -142,14 +155,8 @@ def print_summary(result, report_text, errors, path):
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)
-    device = pick_device(args.device)
-    amp_dtype = pick_amp_dtype(device, args.amp)
-    model, tokenizer, ckpt = load_model(args.ckpt, device)
-    data_dir = args.data_dir or ckpt["config"]["data_dir"]
-    out_dir = default_output_dir(args)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    texts, labels = load_split(ckpt, args.ckpt, data_dir, args.split)
-    class_names = ckpt["class_names"]
+    device, amp_dtype, (model, tokenizer, ckpt), data_dir, (texts, labels) = load_run(args)
+    out_dir, class_names = output_dir(args), ckpt["class_names"]
 
     print(f"evaluating {args.ckpt} (step {ckpt['step']}) on {len(texts)} {args.split} rows of {data_dir} ({device})")
     token_ids = tokenize(tokenizer, texts, ckpt["max_length"])

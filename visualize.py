@@ -23,8 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import UserError, in_notebook, parse_args, positive, stratified_split, tokenize
-from evaluate import default_output_dir, load_split
-from model import autocast, load_model, load_pretrained, pick_amp_dtype, pick_device, predict
+from evaluate import load_run, output_dir
+from model import autocast, load_pretrained, predict
 
 KNN_NEIGHBOURS, KNN_FOLDS = 10, 5
 PANEL_SIZE, EMBEDDING_DPI = (6.0, 6.4), 100  # (width, height) inches of one map; the PNG is width*panels x height
@@ -245,14 +245,8 @@ def short_name(name):
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)
-    device = pick_device(args.device)
-    amp_dtype = pick_amp_dtype(device, args.amp)
-    model, tokenizer, ckpt = load_model(args.ckpt, device)
-    data_dir = args.data_dir or ckpt["config"]["data_dir"]
-    out_dir = default_output_dir(args)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    class_names = ckpt["class_names"]
-    texts, labels = load_split(ckpt, args.ckpt, data_dir, args.split)
+    device, amp_dtype, (model, tokenizer, ckpt), data_dir, (texts, labels) = load_run(args)
+    out_dir, class_names = output_dir(args), ckpt["class_names"]
     rows = sample_rows(labels, args.num_samples, args.seed, len(class_names))
     labels = np.array([labels[i] for i in rows])
     token_ids = tokenize(tokenizer, [texts[i] for i in rows], ckpt["max_length"])

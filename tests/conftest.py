@@ -57,11 +57,31 @@ def write_csv(path, rows):
         csv.writer(f, quoting=csv.QUOTE_ALL).writerows(rows)
 
 
-@pytest.fixture
-def tiny_data_dir(tmp_path):
-    folder = tmp_path / "ag_news"
-    folder.mkdir()
+def write_tiny_data(folder):
+    """train.csv (320 rows), test.csv (40 rows) and classes.txt in AG News' format."""
+    folder.mkdir(parents=True, exist_ok=True)
     write_csv(folder / "train.csv", make_rows(80, seed=1))
     write_csv(folder / "test.csv", make_rows(10, seed=2))
     (folder / "classes.txt").write_text("World\nSports\nBusiness\nSci/Tech\n")
     return folder
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path):
+    return write_tiny_data(tmp_path / "ag_news")
+
+
+def tiny_args(model_dir, data_dir, out_dir, *extra):
+    """train.py flags that make a run on the tiny model and data take about a second."""
+    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out_dir), "--device", "cpu",
+            "--cache-dir", str(data_dir / ".cache"),
+            "--batch-size", "16", "--lr", "3e-3", "--val-size", "0.2", "--log-every", "2", *map(str, extra)]
+
+
+def train_tiny(model_dir, tmp_path_factory, epochs):
+    """A finished tiny training run (for module-scoped fixtures) -> (its output folder, its data folder)."""
+    import train
+
+    data_dir, run_dir = write_tiny_data(tmp_path_factory.mktemp("ag_news")), tmp_path_factory.mktemp("run")
+    train.main(tiny_args(model_dir, data_dir, run_dir, "--epochs", epochs))
+    return run_dir, data_dir

@@ -7,12 +7,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import make_rows, write_csv
+from conftest import train_tiny
 
 import app
-import train
 from data import UserError
-from test_train import tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
@@ -20,11 +18,7 @@ CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tiny_model_dir, tmp_path_factory):
-    data_dir, out = tmp_path_factory.mktemp("ag_news"), tmp_path_factory.mktemp("run")
-    write_csv(data_dir / "train.csv", make_rows(80, seed=1))
-    write_csv(data_dir / "test.csv", make_rows(10, seed=2))
-    train.main(tiny_args(tiny_model_dir, data_dir, out, "--epochs", 1))
-    return out / "best.pt"
+    return train_tiny(tiny_model_dir, tmp_path_factory, epochs=1)[0] / "best.pt"
 
 
 def free_port():

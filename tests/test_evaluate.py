@@ -8,11 +8,9 @@ from matplotlib.image import imread
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 import evaluate
-import train
-from conftest import make_rows, write_csv
+from conftest import train_tiny
 from data import UserError
 from model import classification_metrics
-from test_train import tiny_args
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -20,13 +18,7 @@ NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     """One epoch on the tiny data (once for this file): best.pt, metrics.jsonl and test_metrics.json."""
-    data_dir = tmp_path_factory.mktemp("ag_news")
-    write_csv(data_dir / "train.csv", make_rows(80, seed=1))
-    write_csv(data_dir / "test.csv", make_rows(10, seed=2))
-    (data_dir / "classes.txt").write_text("\n".join(NAMES) + "\n")
-    run_dir = tmp_path_factory.mktemp("run")
-    train.main(tiny_args(tiny_model_dir, data_dir, run_dir, "--epochs", 1))
-    return run_dir, data_dir
+    return train_tiny(tiny_model_dir, tmp_path_factory, epochs=1)
 
 
 def test_writes_json_png_and_csv_that_agree_with_training(tiny_run, tmp_path):

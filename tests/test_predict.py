@@ -4,13 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import TOPIC_WORDS, make_rows, write_csv
+from conftest import TOPIC_WORDS, train_tiny
 
 import predict
-import train
 from data import UserError
 from model import load_model
-from test_train import tiny_args
 
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 # Lengths differ on purpose: a batch pads the short ones, and padding must not change any result.
@@ -21,11 +19,7 @@ TEXTS = ["stocks profit market bank shares oil", "the team wins the cup after a 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tiny_model_dir, tmp_path_factory):
     """best.pt of a tiny BERT trained for 3 epochs on the tiny CSVs (it learns their topic words)."""
-    data_dir, out = tmp_path_factory.mktemp("ag_news"), tmp_path_factory.mktemp("run")
-    write_csv(data_dir / "train.csv", make_rows(80, seed=1))
-    write_csv(data_dir / "test.csv", make_rows(10, seed=2))
-    train.main(tiny_args(tiny_model_dir, data_dir, out, "--epochs", 3))
-    return out / "best.pt"
+    return train_tiny(tiny_model_dir, tmp_path_factory, epochs=3)[0] / "best.pt"
 
 
 def hf_probabilities(ckpt, text):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train
+from conftest import tiny_args
 from data import UserError
-from test_train import tiny_args
 
 KILLER = Path(__file__).with_name("killer.py")
 FLAGS = ("--epochs", 2, "--save-every", 2)

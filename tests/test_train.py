@@ -6,13 +6,8 @@ import pytest
 import torch
 
 import train
+from conftest import tiny_args
 from data import UserError
-
-
-def tiny_args(model_dir, data_dir, out_dir, *extra):
-    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out_dir), "--device", "cpu",
-            "--cache-dir", str(data_dir / ".cache"),
-            "--batch-size", "16", "--lr", "3e-3", "--val-size", "0.2", "--log-every", "2", *map(str, extra)]
 
 
 def test_train_end_to_end_writes_checkpoints_metrics_and_learns(tiny_model_dir, tiny_data_dir, tmp_path):

@@ -6,11 +6,9 @@ import torch
 from matplotlib.image import imread
 from sklearn.metrics import silhouette_score
 
-import train
 import visualize
-from conftest import make_rows, write_csv
+from conftest import train_tiny
 from data import UserError, read_csv
-from test_train import tiny_args
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 TWO_PANELS, ONE_PANEL, CURVES = (640, 1200), (640, 600), (420, 1100)  # (height, width) px: figsize x dpi
@@ -19,12 +17,7 @@ TWO_PANELS, ONE_PANEL, CURVES = (640, 1200), (640, 600), (420, 1100)  # (height,
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir, tmp_path_factory):
     """Two epochs on the tiny data (once for this file), then visualize.py with every output switched on."""
-    data_dir = tmp_path_factory.mktemp("ag_news")
-    write_csv(data_dir / "train.csv", make_rows(80, seed=1))
-    write_csv(data_dir / "test.csv", make_rows(10, seed=2))
-    (data_dir / "classes.txt").write_text("\n".join(NAMES) + "\n")
-    run_dir = tmp_path_factory.mktemp("run")
-    train.main(tiny_args(tiny_model_dir, data_dir, run_dir, "--epochs", 2))
+    run_dir, data_dir = train_tiny(tiny_model_dir, tmp_path_factory, epochs=2)
     result = visualize.main(["--ckpt", run_dir / "best.pt", "--save-embeddings", "--num-samples", 2000])
     return run_dir, data_dir, result
 
