@@ -77,7 +77,9 @@ def _entity(match):
     if match.group(1):
         code = int(match.group(1))
         # 128-159 are Windows-1252 codes in this corpus (#151 is an em dash, #146 a right quote).
-        return bytes([code]).decode("cp1252", "ignore") if 128 <= code < 160 else chr(code)
+        if 128 <= code < 160:
+            return bytes([code]).decode("cp1252", "ignore")
+        return chr(code) if 0 < code <= 0x10FFFF else match.group(0)  # not a character: leave the text as is
     return html.unescape(f"&{match.group(2)};")
 
 

@@ -9,6 +9,7 @@ last.pt adds "optimizer", "scheduler", "scaler", "rng" and "batches_done" for --
 """
 import json
 import platform
+import subprocess
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -45,7 +46,7 @@ def load_pretrained(name):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        encoder = AutoModel.from_pretrained(name)
+        encoder = AutoModel.from_pretrained(name).float()  # fp32 master weights, even from a bf16/fp16 folder
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -112,6 +113,11 @@ def environment(device, amp_dtype):
            "threads": torch.get_num_threads()}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    try:  # the code version, when the scripts run from a git checkout
+        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                       capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
     return env
 
 
@@ -156,7 +162,8 @@ def classification_metrics(logits, labels):
     return {
         "loss": F.cross_entropy(logits, labels).item(),
         "accuracy": (preds == labels).float().mean().item(),
-        "macro_f1": float(f1_score(labels.numpy(), preds.numpy(), average="macro", labels=range(logits.shape[1]))),
+        "macro_f1": float(f1_score(labels.numpy(), preds.numpy(), average="macro",
+                                     labels=range(logits.shape[1]), zero_division=0)),
     }
 
 
@@ -201,7 +208,7 @@ def load_model(path, device="cpu"):
             Path(tmp, name).write_bytes(blob)
         Path(tmp, "config.json").write_text(json.dumps(state["encoder_config"]))
         tokenizer = AutoTokenizer.from_pretrained(tmp)
-        encoder = AutoModel.from_config(AutoConfig.from_pretrained(tmp))
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(tmp)).float()
     model = TopicClassifier(encoder, len(state["class_names"]), state["config"].get("dropout", 0.1))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer, state

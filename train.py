@@ -53,7 +53,7 @@ def build_parser():
                    help="batch rows of similar length together (less padding)")
     p.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "agnews-bert"),
                    help="where tokenized data is cached between runs")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=non_negative(int), default=42)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--log-every", type=positive(int), default=50, help="optimizer steps between log lines")
     p.add_argument("--save-every", type=non_negative(int), default=0, help="also write last.pt every N steps")
@@ -73,9 +73,10 @@ def prepare_output_dir(out_dir, args):
         stale.unlink()
     if args.resume and not (out_dir / "last.pt").is_file():
         raise UserError(f"--resume: no last.pt in --output-dir {out_dir} to resume from")
-    if not args.resume and not args.overwrite and (out_dir / "best.pt").exists():
-        raise UserError(f"--output-dir {out_dir} already holds best.pt from another run. Pass --resume to "
-                        f"continue that run, --overwrite to replace it, or another --output-dir.")
+    existing = [name for name in ("best.pt", "last.pt") if (out_dir / name).exists()]
+    if existing and not args.resume and not args.overwrite:
+        raise UserError(f"--output-dir {out_dir} already holds {' and '.join(existing)} from another run. Pass "
+                        f"--resume to continue that run, --overwrite to replace it, or another --output-dir.")
 
 
 def check_room(out_dir, model):
@@ -87,7 +88,7 @@ def check_room(out_dir, model):
                         f"~{need / 2**20:,.0f} MiB")
 
 
-def make_optimizer(model, args, device):
+def make_optimizer(model, args):
     # No weight decay on biases and LayerNorm weights (the BERT recipe): those are the 1-D parameters.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
@@ -103,15 +104,16 @@ def checkpoint(model, tokenizer, class_names, args, epoch, step, best_acc, **tra
             **training_state}
 
 
-def training_state(optimizer, scheduler, scaler, batches_done, train_md5):
+def training_state(optimizer, scheduler, scaler, batches_done, train_md5, device, amp_dtype):
     rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # dropout on the GPU draws from the training device's generator
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng, "batches_done": batches_done, "train_md5": train_md5}
+            "scaler": scaler.state_dict(), "rng": rng, "batches_done": batches_done, "train_md5": train_md5,
+            "amp_dtype": str(amp_dtype)}
 
 
-def resume(path, args, train_md5, model, optimizer, scheduler, scaler):
+def resume(path, args, train_md5, amp_dtype, model, optimizer, scheduler, scaler):
     """Load last.pt into model and optimizer -> (epoch, batches done in it, step, best val accuracy)."""
     state = read_checkpoint(path)
     saved = state["config"]
@@ -119,6 +121,9 @@ def resume(path, args, train_md5, model, optimizer, scheduler, scaler):
              for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
     if state.get("train_md5") != train_md5:
         diffs.append(f"train.csv: md5 {state.get('train_md5')} then, {train_md5} now (the data changed)")
+    if state.get("amp_dtype") != str(amp_dtype):  # --amp-dtype auto resolves by GPU: a T4 gives fp16, an A100 bf16
+        diffs.append(f"mixed precision: {state.get('amp_dtype')} then, {amp_dtype} now (another GPU?); "
+                     f"pass --amp-dtype to match, or start a new run")
     if diffs:
         raise UserError(f"--resume: {path} is from a run with other settings:\n  " + "\n  ".join(diffs))
     model.load_state_dict(state["model"])
@@ -126,8 +131,8 @@ def resume(path, args, train_md5, model, optimizer, scheduler, scaler):
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if "cuda" in state["rng"] and next(model.parameters()).is_cuda:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], next(model.parameters()).device)
     rewind_metrics(path.parent / "metrics.jsonl", state["step"], evaluated=state["batches_done"] == 0)
     print(f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
     return state["epoch"], state["batches_done"], state["step"], state["best_metric"]["value"]
@@ -145,10 +150,10 @@ def rewind_metrics(path, step, evaluated):
 
 
 def check_finite(loss_sum, step, out_dir):
-    """Stop on a NaN/Inf loss before it reaches a checkpoint (fp16 overflow is the scaler's, and never gets here)."""
+    """Stop on a NaN/Inf loss or gradient before it reaches a checkpoint (fp16 overflows are the scaler's)."""
     if not math.isfinite(loss_sum):
-        raise UserError(f"the training loss became {loss_sum} by step {step}; stopping. The last good checkpoints "
-                        f"in {out_dir} are kept. Try a lower --lr, or --amp-dtype bf16 instead of fp16.")
+        raise UserError(f"the training loss or gradients became {loss_sum} by step {step}; stopping. The last good "
+                        f"checkpoints in {out_dir} are kept. Try a lower --lr, or --amp-dtype bf16 instead of fp16.")
 
 
 def log_line(log_file, record):
@@ -167,7 +172,6 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; fp32 weights all the same
     env = environment(device, amp_dtype)
     print(json.dumps({"config": vars(args), "env": env}, indent=1))
-    (out_dir / "config.json").write_text(json.dumps({"config": vars(args), "env": env}, indent=1))
 
     # ---- data: read, clean, split, tokenize once (each batch is padded to its own longest row later)
     class_names, (train_texts, train_labels), (val_texts, val_labels), (test_texts, test_labels) = load_splits(
@@ -188,7 +192,7 @@ def main(argv=None):
     # ---- model, optimizer, schedule
     model = TopicClassifier(encoder, len(class_names), args.dropout).to(device)
     check_room(out_dir, model)
-    optimizer = make_optimizer(model, args, device)
+    optimizer = make_optimizer(model, args)
     batches_per_epoch = math.ceil(len(train_ids) / args.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum_steps)
     total_steps = steps_per_epoch * args.epochs
@@ -199,7 +203,8 @@ def main(argv=None):
     start_epoch, batches_done, step, best_acc = 0, 0, 0, -1.0
     if args.resume:
         start_epoch, batches_done, step, best_acc = resume(
-            out_dir / "last.pt", args, train_md5, model, optimizer, scheduler, scaler)
+            out_dir / "last.pt", args, train_md5, amp_dtype, model, optimizer, scheduler, scaler)
+    (out_dir / "config.json").write_text(json.dumps({"config": vars(args), "env": env}, indent=1))
     save = lambda name, epoch, **extra: save_checkpoint(  # noqa: E731
         checkpoint(model, tokenizer, class_names, args, epoch, step, best_acc, **extra), out_dir / name)
 
@@ -225,10 +230,13 @@ def main(argv=None):
                 window_samples += len(rows)
                 window_tokens += sum(train_lengths[i] for i in rows)
             scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            if not scaler.is_enabled():  # fp16 overflows are the scaler's to skip; anywhere else NaN/Inf is fatal
+                loss_sum += 0 * grad_norm  # NaN/Inf in, NaN out: caught with the loss at the next check
             scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]  # the LR this step used
             scheduler.step()  # every step, skipped or not, so the schedule ends at total_steps
             step += 1
             window_steps += 1
@@ -240,7 +248,7 @@ def main(argv=None):
             if step % args.log_every == 0 or first + len(group) == len(batches):
                 elapsed = time.perf_counter() - window_start
                 record = {"type": "train", "epoch": epoch + 1, "step": step,
-                          "loss": loss_sum.item() / window_steps, "lr": scheduler.get_last_lr()[0],
+                          "loss": loss_sum.item() / window_steps, "lr": lr,
                           "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
                           "window_s": elapsed}
                 check_finite(record["loss"], step, out_dir)
@@ -253,7 +261,8 @@ def main(argv=None):
                 window_steps, window_samples, window_tokens, window_start = 0, 0, 0, time.perf_counter()
             if args.save_every and step % args.save_every == 0:
                 check_finite(loss_sum.item(), step, out_dir)
-                save("last.pt", epoch, **training_state(optimizer, scheduler, scaler, first + len(group), train_md5))
+                save("last.pt", epoch, **training_state(optimizer, scheduler, scaler, first + len(group), train_md5,
+                                                     device, amp_dtype))
         batches_done = 0
 
         metrics, _ = evaluate(model, val_ids, val_labels, pad_id, device, amp_dtype, args.eval_batch_size)
@@ -264,7 +273,7 @@ def main(argv=None):
             best_acc = metrics["accuracy"]
             save("best.pt", epoch + 1)
             tqdm.write(f"saved {out_dir / 'best.pt'} (val accuracy {best_acc:.4f})")
-        save("last.pt", epoch + 1, **training_state(optimizer, scheduler, scaler, 0, train_md5))
+        save("last.pt", epoch + 1, **training_state(optimizer, scheduler, scaler, 0, train_md5, device, amp_dtype))
         window_start = time.perf_counter()  # evaluation time is not training throughput
     bar.close()
 

@@ -66,7 +66,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_di
         loss = real_cross_entropy(logits, targets)
         return loss * float("nan") if len(calls) == 5 else loss
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
-    with pytest.raises(UserError, match="loss became nan by step 6; stopping. The last good checkpoints"):
+    with pytest.raises(UserError, match="loss or gradients became nan by step 6; stopping. The last good checkpoints"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--save-every", 2,
                              "--log-every", 100))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -77,3 +77,24 @@ def test_unwritable_output_dir_is_refused_before_training(tiny_model_dir, tiny_d
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(UserError, match="--output-dir .*a-file/run: not writable"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a-file" / "run"))
+
+
+def test_nan_gradients_with_a_finite_loss_stop_the_run_too(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_poison(parameters, max_norm):
+        parameters = list(parameters)
+        norm = real_clip(parameters, max_norm)
+        calls.append(1)
+        if len(calls) == 3:  # what a NaN gradient does: clipping spreads it into every parameter's update
+            for p in parameters:
+                if p.grad is not None:  # the encoder's unused pooler has none
+                    p.grad.fill_(float("nan"))
+            return norm * float("nan")
+        return norm
+    monkeypatch.setattr(train.torch.nn.utils, "clip_grad_norm_", clip_then_poison)
+    with pytest.raises(UserError, match="loss or gradients became nan by step 4"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--save-every", 2,
+                             "--log-every", 100))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())

@@ -136,3 +136,42 @@ def test_resuming_a_finished_run_reports_again_without_duplicate_lines(tiny_mode
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume")) == first
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines
+
+
+def test_an_interrupted_run_without_best_pt_is_not_overwritten_either(tiny_model_dir, tiny_data_dir, tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"an interrupted run")
+    with pytest.raises(UserError, match="already holds last.pt from another run. Pass --resume"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
+    assert (tmp_path / "last.pt").read_bytes() == b"an interrupted run"
+
+
+def test_resume_under_another_mixed_precision_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--amp", "--save-every", 3))
+    config = (tmp_path / "config.json").read_text()
+    with pytest.raises(UserError, match=r"--amp: True then, False now.*\n.*mixed precision: torch.bfloat16 then, None"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
+    assert (tmp_path / "config.json").read_text() == config  # a refused resume leaves the run's record alone
+
+
+def test_optimizer_decays_matrices_only_and_covers_every_parameter_once(tiny_model_dir):
+    from model import TopicClassifier, load_pretrained
+
+    model = TopicClassifier(load_pretrained(str(tiny_model_dir))[0], 4)
+    args = train.build_parser().parse_args(["--weight-decay", "0.05"])
+    groups = train.make_optimizer(model, args).param_groups
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim >= 2), name  # biases and LayerNorm weights are 1-D: no decay
+
+
+def test_lr_warms_up_to_the_peak_then_decays_every_step(tiny_model_dir, tiny_data_dir, tmp_path):
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 2, "--log-every", 1,
+                         "--grad-accum-steps", 3, "--warmup-ratio", 0.25))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["type"] == "train"]
+    assert len(lrs) == 2 * 6  # 256 rows / 16 = 16 batches -> 6 steps of up to 3 batches, per epoch
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(3e-3) and peak == 3  # warm-up of round(0.25 * 12) = 3 steps, then the peak
+    assert lrs[:peak] == sorted(lrs[:peak]) and lrs[peak:] == sorted(lrs[peak:], reverse=True) and lrs[-1] > 0

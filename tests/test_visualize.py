@@ -73,7 +73,6 @@ def test_tsne_runs_on_the_installed_scikit_learn():
     points[15:] += 6  # two blobs
     coords, seconds = visualize.project(points, "tsne", perplexity=5, seed=0)
     assert coords.shape == (30, 2) and np.isfinite(coords).all()
-    assert seconds < 10  # on 2 OpenMP threads of a busy CPU this once took 2-44 s
     assert np.array_equal(coords, visualize.project(points, "tsne", perplexity=5, seed=0)[0])  # seeded
     assert np.mean(np.linalg.norm(coords[:15, None] - coords[None, :15], axis=-1)) < np.mean(
         np.linalg.norm(coords[:15, None] - coords[None, 15:], axis=-1))  # the two blobs stay apart
