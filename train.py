@@ -96,9 +96,10 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr, fused=True)
 
 
-def checkpoint(model, tokenizer, class_names, args, epoch, step, best_acc, **training_state):
+def checkpoint(model, tokenizer_blobs, class_names, args, epoch, step, best_acc, **training_state):
+    """The one checkpoint format (see model.py); training_state is what last.pt adds for --resume."""
     return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-            "encoder_config": model.encoder.config.to_dict(), "tokenizer_files": tokenizer_files(tokenizer),
+            "encoder_config": model.encoder.config.to_dict(), "tokenizer_files": tokenizer_blobs,
             "class_names": class_names, "max_length": args.max_length, "config": vars(args),
             "epoch": epoch, "step": step, "best_metric": {"name": "val_accuracy", "value": best_acc},
             **training_state}
@@ -205,8 +206,9 @@ def main(argv=None):
         start_epoch, batches_done, step, best_acc = resume(
             out_dir / "last.pt", args, train_md5, amp_dtype, model, optimizer, scheduler, scaler)
     (out_dir / "config.json").write_text(json.dumps({"config": vars(args), "env": env}, indent=1))
+    tokenizer_blobs = tokenizer_files(tokenizer)  # the tokenizer travels inside every checkpoint
     save = lambda name, epoch, **extra: save_checkpoint(  # noqa: E731
-        checkpoint(model, tokenizer, class_names, args, epoch, step, best_acc, **extra), out_dir / name)
+        checkpoint(model, tokenizer_blobs, class_names, args, epoch, step, best_acc, **extra), out_dir / name)
 
     # ---- one loop: micro-batches -> clip -> step -> log; evaluate and checkpoint each epoch
     log_file = open(out_dir / "metrics.jsonl", "a" if args.resume else "w")

@@ -44,7 +44,8 @@ def test_embedding_is_the_hf_encoders_first_token_state(tiny, tiny_model_dir):
 def test_checkpoint_round_trip_with_weights_only(tiny, tmp_path):
     model, tokenizer = tiny
     args = train.build_parser().parse_args(["--model", "tiny", "--max-length", "64"])
-    save_checkpoint(train.checkpoint(model, tokenizer, ["W", "S", "B", "T"], args, 1, 10, 0.5), tmp_path / "best.pt")
+    state = train.checkpoint(model, model_lib.tokenizer_files(tokenizer), ["W", "S", "B", "T"], args, 1, 10, 0.5)
+    save_checkpoint(state, tmp_path / "best.pt")
     state = torch.load(tmp_path / "best.pt", weights_only=True)
     assert state["class_names"] == ["W", "S", "B", "T"] and state["max_length"] == 64 and state["step"] == 10
     loaded, loaded_tokenizer, _ = load_model(tmp_path / "best.pt")
