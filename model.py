@@ -5,7 +5,8 @@ A checkpoint is a plain dict loadable with torch.load(..., weights_only=True):
     {"format": 1, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
      "class_names": [...], "max_length": int, "config": dict of the training flags, "epoch": int,
      "step": int, "best_metric": {"name": "val_accuracy", "value": float}}
-last.pt adds "optimizer", "scheduler", "scaler", "rng" and "batches_done" for --resume.
+last.pt adds what --resume needs: "optimizer", "scheduler", "scaler", "rng", "batches_done" (in the epoch),
+"train_md5" and "amp_dtype" (checked against the resumed run's).
 """
 import json
 import platform
@@ -92,9 +93,16 @@ def pick_amp_dtype(device, amp, amp_dtype="auto"):
         return torch.bfloat16 if amp_dtype == "bf16" else torch.float16
     if amp_dtype == "fp16":
         raise UserError(f"--amp-dtype fp16 needs a CUDA GPU; on {device.type} use --amp-dtype bf16 (or auto)")
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and not cpu_has_native_bf16():
         print("note: this CPU has no native bf16 (AVX512-BF16/AMX); --amp will likely be slower than fp32 here.")
     return torch.bfloat16
+
+
+def cpu_has_native_bf16():
+    try:  # oneDNN's own check (AVX512-BF16 or AMX); a private API, so fail safe
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def autocast(device, amp_dtype):
