@@ -28,6 +28,7 @@ def build_parser():
                    help="val: the validation rows train.py carved from train.csv (same --val-size and --seed)")
     p.add_argument("--batch-size", type=positive(int), default=128)
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 where native, else fp16)")
+    p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--output-dir", default=None, help="where the reports go (default: the checkpoint's folder)")
     return p
@@ -69,7 +70,7 @@ def load_run(args):
     """What evaluate.py and visualize.py both start from -> device, AMP dtype, (model, tokenizer, checkpoint),
     the data folder, and the --split's (texts, labels)."""
     device = pick_device(args.device)
-    amp_dtype = pick_amp_dtype(device, args.amp)
+    amp_dtype = pick_amp_dtype(device, args.amp, args.amp_dtype)
     model, tokenizer, ckpt = load_model(args.ckpt, device)
     data_dir = args.data_dir or ckpt["config"]["data_dir"]
     return device, amp_dtype, (model, tokenizer, ckpt), data_dir, load_split(ckpt, args.ckpt, data_dir, args.split)

@@ -45,6 +45,7 @@ def build_parser():
     p.add_argument("--metrics", default=None, help="metrics.jsonl of the run (default: next to --ckpt)")
     p.add_argument("--batch-size", type=positive(int), default=128)
     p.add_argument("--amp", action="store_true", help="mixed precision for the embedding passes")
+    p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--output-dir", default=None, help="where the pictures go (default: the checkpoint's folder)")
     return p

@@ -99,3 +99,9 @@ def test_class_names_that_differ_from_the_checkpoints_are_refused(tiny_run, tmp_
     (other / "classes.txt").write_text("\n".join(NAMES) + "\n")
     with pytest.raises(UserError, match=r"--split val: .*train.csv not found"):
         evaluate.main(["--ckpt", run_dir / "best.pt", "--data-dir", other, "--split", "val", "--output-dir", tmp_path])
+
+
+def test_amp_dtype_fp16_on_a_cpu_is_a_clear_error(tiny_run):
+    run_dir, _ = tiny_run
+    with pytest.raises(UserError, match="--amp-dtype fp16 needs a CUDA GPU"):
+        evaluate.main(["--ckpt", run_dir / "best.pt", "--amp", "--amp-dtype", "fp16", "--device", "cpu"])
