@@ -13,6 +13,7 @@ import argparse
 import os
 
 from data import UserError, clean_text, in_notebook, parse_args
+from model import add_device_flags
 from predict import load_classifier
 
 EXAMPLES = [
@@ -29,9 +30,7 @@ def build_parser():
     p.add_argument("--ckpt", default="best.pt", help="checkpoint written by train.py")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", action="store_true", help="autocast: bf16 where native, else fp16 (CUDA only)")
-    p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
+    add_device_flags(p)
     return p
 
 

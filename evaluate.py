@@ -17,7 +17,7 @@ import torch
 
 from data import (UserError, ensure_data, in_notebook, load_splits, parse_args, positive, read_class_names, read_csv,
                   tokenize)
-from model import environment, evaluate, load_model, pick_amp_dtype, pick_device
+from model import add_device_flags, environment, evaluate, load_model, pick_amp_dtype, pick_device
 
 
 def build_parser():
@@ -27,9 +27,7 @@ def build_parser():
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="val: the validation rows train.py carved from train.csv (same --val-size and --seed)")
     p.add_argument("--batch-size", type=positive(int), default=128)
-    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 where native, else fp16)")
-    p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_device_flags(p)
     p.add_argument("--output-dir", default=None, help="where the reports go (default: the checkpoint's folder)")
     return p
 

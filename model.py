@@ -71,6 +71,14 @@ def model_max_length(tokenizer, encoder_config):
 
 
 # ---------------------------------------------------------------------------------------------- devices
+def add_device_flags(parser):
+    """--device, --amp and --amp-dtype, the same in every script; read with pick_device and pick_amp_dtype."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: bf16 where the hardware has it natively, else fp16 (GPUs only)")
+    parser.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
+
+
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

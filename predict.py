@@ -16,7 +16,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 from data import UserError, clean_text, decode_utf8, in_notebook, parse_args, positive, tokenize
-from model import load_model, pick_amp_dtype, pick_device, predict
+from model import add_device_flags, load_model, pick_amp_dtype, pick_device, predict
 
 
 def build_parser():
@@ -26,9 +26,7 @@ def build_parser():
     p.add_argument("--file", help="a UTF-8 text file with one text per line (blank lines are skipped)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output on stdout")
     p.add_argument("--batch-size", type=positive(int), default=64)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", action="store_true", help="autocast: bf16 where native, else fp16 (CUDA only)")
-    p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
+    add_device_flags(p)
     return p
 
 

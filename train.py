@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from data import (UserError, batch_order, collate, file_md5, in_notebook, load_splits, non_negative, parse_args,
                   positive, tokenize_cached)
-from model import (CHECKPOINT_FORMAT, TopicClassifier, autocast, environment, evaluate, load_pretrained,
-                   model_max_length, pad_multiple, pick_amp_dtype, pick_device, read_checkpoint, save_checkpoint, to_device,
-                   tokenizer_files)
+from model import (CHECKPOINT_FORMAT, TopicClassifier, add_device_flags, autocast, environment, evaluate,
+                   load_pretrained, model_max_length, pad_multiple, pick_amp_dtype, pick_device, read_checkpoint,
+                   save_checkpoint, to_device, tokenizer_files)
 
 # Flags that must be the same to --resume a run: they fix the data, the batches or the LR schedule.
 RESUME_KEYS = ("model", "data_dir", "max_length", "batch_size", "grad_accum_steps", "epochs", "lr",
@@ -44,8 +44,7 @@ def build_parser():
     p.add_argument("--max-grad-norm", type=positive(float), default=1.0)
     p.add_argument("--grad-accum-steps", type=positive(int), default=1)
     p.add_argument("--dropout", type=non_negative(float), default=0.1, help="dropout before the head")
-    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 where native, else fp16 + GradScaler")
-    p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
+    add_device_flags(p)
     p.add_argument("--max-length", type=positive(int), default=128, help="truncate texts to this many tokens")
     p.add_argument("--val-size", type=positive(float), default=0.05, help="fraction (or row count) of train.csv")
     p.add_argument("--max-train-samples", type=positive(int), default=None, help="train on a random subset")
@@ -54,7 +53,6 @@ def build_parser():
     p.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "agnews-bert"),
                    help="where tokenized data is cached between runs")
     p.add_argument("--seed", type=non_negative(int), default=42)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--log-every", type=positive(int), default=50, help="optimizer steps between log lines")
     p.add_argument("--save-every", type=non_negative(int), default=0, help="also write last.pt every N steps")
     p.add_argument("--resume", action="store_true", help="continue from last.pt in --output-dir")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from data import UserError, in_notebook, parse_args, positive, stratified_split, tokenize
 from evaluate import load_run, output_dir
-from model import autocast, load_pretrained, predict
+from model import add_device_flags, autocast, load_pretrained, predict
 
 KNN_NEIGHBOURS, KNN_FOLDS = 10, 5
 PANEL_SIZE, EMBEDDING_DPI = (6.0, 6.4), 100  # (width, height) inches of one map; the PNG is width*panels x height
@@ -44,9 +44,7 @@ def build_parser():
     p.add_argument("--save-embeddings", action="store_true", help="also write the vectors and labels (.npz)")
     p.add_argument("--metrics", default=None, help="metrics.jsonl of the run (default: next to --ckpt)")
     p.add_argument("--batch-size", type=positive(int), default=128)
-    p.add_argument("--amp", action="store_true", help="mixed precision for the embedding passes")
-    p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    add_device_flags(p)
     p.add_argument("--output-dir", default=None, help="where the pictures go (default: the checkpoint's folder)")
     return p
 
