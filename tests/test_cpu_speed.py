@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from model import CPU_ATTENTION, CpuDropout, TopicClassifier, cpu_dropout, load_pretrained, speed_up_cpu_training
+from model import (CPU_ATTENTION, CpuDropout, TopicClassifier, cpu_dropout, keep_freed_memory, load_pretrained,
+                   speed_up_cpu_training)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -121,8 +122,10 @@ def test_cpu_dropout_in_training_changes_outputs_and_trains(tiny_pair):
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory() tunes glibc's malloc only")
 def test_keep_freed_memory_stops_page_faults_on_big_buffers():
+    if platform.libc_ver()[0] != "glibc":  # macOS, Windows, musl: documented as doing nothing, and must not fail
+        assert keep_freed_memory() is None
+        return
     # In a fresh process: allocating and freeing a 64 MB tensor page-faults all of it every time under glibc's
     # defaults; after keep_freed_memory() the freed block is reused.
     script = textwrap.dedent("""
