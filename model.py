@@ -155,8 +155,8 @@ def to_device(tensors, device):
 # 2-core AVX512-BF16 CPU, MiniLM, batch 32; benchmarks/cpu_levers.py measures what removing them gains):
 # - torch's CPU dropout draws one double from a serial Mersenne Twister per element (MKL's vectorized generator
 #   is used on Intel CPUs only), and SDPA's CPU kernel with dropout falls back to the same: ~20 % of the step;
-# - glibc returns every freed block over 32 MB to the OS, so the 47 MB embedding gradient is page-faulted back
-#   in, page by page, every step.
+# - glibc returns every freed block over 32 MB to the OS, so the word-embedding gradient (47 MB for MiniLM, 94 MB
+#   for bert-base) is page-faulted back in, page by page, every step.
 CPU_ATTENTION = "eager_cpu_dropout"
 # Encoders whose attention is plain multi-head attention through transformers' attention interface (transformers
 # 5); others (GQA, relative position biases, ...) keep their own attention, and still get CpuDropout.

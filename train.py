@@ -173,7 +173,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; fp32 weights all the same
     if device.type == "cpu":
-        keep_freed_memory()  # no page faults on the 47 MB embedding gradient every step (see model.py)
+        keep_freed_memory()  # no page faults on the word-embedding gradient every step (see model.py)
     env = environment(device, amp_dtype)
     print(json.dumps({"config": vars(args), "env": env}, indent=1))
 
