@@ -8,7 +8,8 @@ Set-ups (lr 1e-4, warmup 10 %, batch 32 unless flags say otherwise):
   trainer_default  Trainer, fp32, every row padded to --max-length (its default set-up)
   trainer_best     Trainer, bf16 (fp16 on GPUs without bf16), dynamic padding, group_by_length
   ours_fp32        train.main(), fp32
-  ours_amp         train.main(--amp): bf16/fp16 autocast, length-grouped batches, padding to x8
+  ours_amp         train.main(--amp): bf16/fp16 autocast, length-grouped batches, padding to x8 on GPUs;
+                   on CPUs also cpu_dropout and keep_freed_memory (see model.py, benchmarks/cpu_levers.py)
 
 Samples/s are steady-state (the first steps, which pay for warm-up, are not timed). Model FLOP/s =
 (6 x non-embedding parameters + 12 x layers x hidden x mean length) x real tokens/s, against a bf16 matmul peak

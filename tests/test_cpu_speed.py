@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from model import (CPU_ATTENTION, CpuDropout, TopicClassifier, cpu_dropout, keep_freed_memory, load_pretrained,
@@ -64,8 +65,6 @@ def test_speed_up_swaps_every_dropout_and_the_attention(tiny_pair):
     assert not any(type(m) is nn.Dropout for m in fast.modules())
     assert sum(isinstance(m, CpuDropout) for m in fast.modules()) == sum(
         isinstance(m, nn.Dropout) for m in reference.modules())
-    import transformers
-
     # transformers 5 switches BERT to the eager attention with cpu_dropout; on 4.x BERT keeps SDPA.
     switched = int(transformers.__version__.split(".")[0]) >= 5
     assert fast.encoder.config._attn_implementation == (CPU_ATTENTION if switched else "sdpa")
