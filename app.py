@@ -1,20 +1,21 @@
 """A web page to try a trained checkpoint: type a news headline, see the four topic probabilities.
 
-    pip install -r requirements-app.txt                 # gradio: an optional dependency, used only here
-    python app.py --ckpt best.pt                        # then open http://127.0.0.1:7860
-    python app.py --ckpt best.pt --host 0.0.0.0 --port 8080   # reachable from other machines: no login!
+    pip install -r requirements-app.txt          # gradio: an optional dependency, used only here
+    python app.py --ckpt best.pt                 # then open http://127.0.0.1:7860
+    python app.py --ckpt best.pt --host 0.0.0.0  # reachable from other machines: no login!
 
-The page calls predict.py's load_classifier, the command line's inference path. It is also an API:
+The page calls model.load_classifier, predict.py's inference path. It is also an API:
     from gradio_client import Client
     Client("http://127.0.0.1:7860/").predict("Stocks rally ...", api_name="/predict")
     # -> {"label": "Business", "confidences": [{"label": "Business", "confidence": 0.95}, ...]}
 """
 import argparse
 import os
+import sys
 
-from data import UserError, clean_text, in_notebook, parse_args
-from model import add_device_flags
-from predict import load_classifier
+from common import UserError, add_device_flags, parse_args
+from data import clean_text
+from model import load_classifier
 
 EXAMPLES = [
     "Stocks rally as the Fed signals a pause in interest rate hikes",
@@ -26,26 +27,31 @@ EXAMPLES = [
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="A Gradio page (and HTTP API) that classifies news headlines.")
+    p = argparse.ArgumentParser(
+        description="A Gradio page (and HTTP API) that classifies news headlines.")
     p.add_argument("--ckpt", default="best.pt", help="checkpoint written by train.py")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 exposes it to the network")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, default=7860)
     add_device_flags(p)
     return p
 
 
 def import_gradio():
-    # Gradio reads this at import and would otherwise send usage analytics; this app never phones home.
+    # Gradio reads this at import and would otherwise send usage analytics; this app never phones
+    # home.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     try:
         import gradio
     except ImportError:
-        raise UserError("app.py needs gradio, an optional dependency: pip install -r requirements-app.txt") from None
+        raise UserError("app.py needs gradio, an optional dependency: "
+                        "pip install -r requirements-app.txt") from None
     return gradio
 
 
 def build_app(gr, classify, class_names, title):
-    """The page: a textbox, a Label with every class's probability, example headlines. API name: /predict."""
+    """The page: a textbox, a Label with every class's probability, example headlines. API name:
+    /predict."""
     def topic_probabilities(text):
         if not text or not clean_text(text):
             raise gr.Error("Type a headline (or a headline and its first sentence) first.")
@@ -53,15 +59,18 @@ def build_app(gr, classify, class_names, title):
 
     with gr.Blocks(title="News topic classifier", analytics_enabled=False) as demo:
         gr.Markdown(f"## News topic classifier\n{title}")
-        label = gr.Label(num_top_classes=len(class_names), label="Topic probabilities", render=False)
+        label = gr.Label(num_top_classes=len(class_names), label="Topic probabilities",
+                         render=False)
         with gr.Row():
             with gr.Column():
                 text = gr.Textbox(label="Headline or short news text", value=EXAMPLES[0], lines=3)
                 button = gr.Button("Classify", variant="primary")
-                # cache_examples=False: nothing is computed at launch or written to disk; a click classifies.
-                gr.Examples(EXAMPLES, inputs=text, outputs=label, fn=topic_probabilities, run_on_click=True,
-                            cache_examples=False, label="Examples (click one)")
-            label.render()  # created above so the examples can target it; shown here, right of the text
+                # cache_examples=False: nothing is computed at launch or written to disk; a click
+                # classifies.
+                gr.Examples(EXAMPLES, inputs=text, outputs=label, fn=topic_probabilities,
+                            run_on_click=True, cache_examples=False, label="Examples (click one)")
+            # created above so the examples can target it; shown here, right of the text
+            label.render()
         button.click(topic_probabilities, text, label, api_name="predict")
         text.submit(topic_probabilities, text, label, api_visibility="private")
         # Classify the pre-filled example as the page opens, so it never starts with an empty chart.
@@ -71,8 +80,9 @@ def build_app(gr, classify, class_names, title):
 
 def describe(ckpt_path, info):
     enc = info["encoder_config"]
-    return (f"Checkpoint `{ckpt_path}`: a {enc.get('num_hidden_layers', '?')}-layer {enc.get('model_type', '?')} "
-            f"encoder, epoch {info['epoch']}, validation accuracy {info['best_metric']['value']:.3f}. "
+    return (f"Checkpoint `{ckpt_path}`: a {enc.get('num_hidden_layers', '?')}-layer "
+            f"{enc.get('model_type', '?')} encoder, epoch {info['epoch']}, "
+            f"validation accuracy {info['best_metric']['value']:.3f}. "
             f"Topics: {', '.join(info['class_names'])}.")
 
 
@@ -83,10 +93,13 @@ def main(argv=None):
     demo = build_app(gr, classify, info["class_names"], describe(args.ckpt, info))
     try:
         demo.launch(server_name=args.host, server_port=args.port, show_error=True)
-    except OSError:  # gradio's "Cannot find empty port", whose advice names its own settings, not our flags
-        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there (the port is in use, or the "
-                        f"address is not one of this machine's); try another --port") from None
+    except OSError:
+        # gradio's "Cannot find empty port", whose advice names its own settings, not our flags
+        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there "
+                        f"(the port is in use, or the address is not one of this machine's); "
+                        f"try another --port") from None
 
 
-if __name__ == "__main__" and not in_notebook():  # pasted into a cell: define main(), run nothing
-    main()
+# `python app.py` and `%run app.py` set __file__; a pasted cell only defines main().
+if __name__ == "__main__" and "__file__" in globals():
+    main(sys.argv[1:])

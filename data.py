@@ -1,75 +1,39 @@
 """AG News data: read and clean the CSVs, split, tokenize once, and batch with dynamic padding.
 
-The CSV format is the original one (no header, every field quoted, `class index 1-4, title, description`);
-a headered variant (`Class Index,Title,Description`) is accepted too. Text = title + description.
+The CSV format is the original one (no header, every field quoted,
+`class index 1-4, title, description`); a headered variant (`Class Index,Title,Description`) is
+accepted too. Text = title + description.
 """
-import argparse
 import csv
 import hashlib
-import random
 import html
 import io
 import json
 import os
+import random
 import re
-import sys
 import tempfile
 import urllib.request
 from pathlib import Path
 
 import torch
 
+from common import UserError, atomic_save
+
 DEFAULT_CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 # torchtext's AG_NEWS source; md5 of the exact files (see README, "Data").
-DOWNLOAD_URL = "https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/{name}"
-MD5 = {"train.csv": "b1a00f826fdfbd249f79597b59e1dc12", "test.csv": "d52ea96a97a2d943681189a97654912d"}
+DOWNLOAD_URL = ("https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/"
+                "{name}")
+MD5 = {"train.csv": "b1a00f826fdfbd249f79597b59e1dc12",
+       "test.csv": "d52ea96a97a2d943681189a97654912d"}
 
 
-class UserError(SystemExit):
-    """A mistake the user can fix (bad flag, bad file, offline). Prints its message without a traceback,
-    in a shell and in a notebook cell alike."""
-
-    def __init__(self, message):
-        super().__init__(f"error: {message}")
-
-
-def in_notebook():
-    """True in a Jupyter/Colab kernel. There a script's `__main__` guard only defines main() (the cell is then
-    `main([...flags])`), and sys.argv holds Jupyter's `-f kernel.json`, which is not ours to parse."""
-    return "ipykernel" in sys.modules
-
-
-def parse_args(parser, argv=None):
-    """parser.parse_args, but safe in a notebook: a bare main() in a cell parses no flags at all."""
-    if argv is None:
-        argv = [] if in_notebook() else sys.argv[1:]
-    return parser.parse_args([str(a) for a in argv])
-
-
-def positive(kind):
-    """An argparse type: kind(text) > 0, else argparse names the flag: `argument --epochs: must be > 0, got 0`."""
-    def check(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return check
-
-
-def non_negative(kind):
-    def check(text):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    return check
-
-
-# ---------------------------------------------------------------------------------------------- cleaning
-# The corpus went through an HTML scrape that ate '&' (leaving ` #39;`, ` quot;`, ` amp;`) and turned line
-# breaks into backslashes. Undo that so the tokenizer sees what a reader sees.
+# ------------------------------------------------------------------------------------- cleaning
+# The corpus went through an HTML scrape that ate '&' (leaving ` #39;`, ` quot;`, ` amp;`) and
+# turned line breaks into backslashes. Undo that so the tokenizer sees what a reader sees.
 _EATEN_ENTITY = re.compile(r"(?:^|\s)(?:#(\d+)|(quot|amp|lt|gt|hellip|nbsp|apos));")
-_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")  # <b>, <A HREF=..>; not <TXN.N> tickers
+# <b>, <A HREF=..>; not <TXN.N> tickers
+_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
 _SPACES = re.compile(r"\s+")
 
 
@@ -79,7 +43,8 @@ def _entity(match):
         # 128-159 are Windows-1252 codes in this corpus (#151 is an em dash, #146 a right quote).
         if 128 <= code < 160:
             return bytes([code]).decode("cp1252", "ignore")
-        return chr(code) if 0 < code <= 0x10FFFF else match.group(0)  # not a character: leave the text as is
+        # not a character: leave the text as is
+        return chr(code) if 0 < code <= 0x10FFFF else match.group(0)
     return html.unescape(f"&{match.group(2)};")
 
 
@@ -92,14 +57,16 @@ def clean_text(text):
     return _SPACES.sub(" ", text).strip()
 
 
-# ---------------------------------------------------------------------------------------------- reading
+# ------------------------------------------------------------------------------------- reading
 def decode_utf8(path, raw):
     """bytes -> str, or an error naming the file and the line of the first bad byte."""
     try:
-        return raw.decode("utf-8-sig")  # -sig: a BOM some editors add is not part of the first field
+        # -sig: a BOM some editors add is not part of the first field
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise UserError(f"{path}:{line}: not UTF-8 text "
+                        f"({err.reason} at byte {err.start})") from None
 
 
 def _is_header(row):
@@ -117,7 +84,8 @@ def read_csv(path, num_classes=4):
         line = text[: text.index("\0")].count("\n") + 1
         raise UserError(f"{path}:{line}: NUL byte in the file (is it really a CSV?)")
     texts, labels, dropped = [], [], 0
-    csv.field_size_limit(1 << 26)  # a huge row is read whole (then truncated by the tokenizer), not refused
+    # a huge row is read whole (then truncated by the tokenizer), not refused
+    csv.field_size_limit(1 << 26)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         for row in reader:
@@ -125,7 +93,8 @@ def read_csv(path, num_classes=4):
                 continue
             where = f"{path}:{reader.line_num}"
             if len(row) != 3:
-                raise UserError(f"{where}: expected 3 fields (class index, title, description), got {len(row)}")
+                raise UserError(f"{where}: expected 3 fields (class index, title, description), "
+                                f"got {len(row)}")
             label = row[0].strip()
             if not label.isdigit() or not 1 <= int(label) <= num_classes:
                 raise UserError(f"{where}: class index must be 1-{num_classes}, got {label!r}")
@@ -148,13 +117,14 @@ def read_class_names(data_dir):
     path = Path(data_dir) / "classes.txt"
     if not path.is_file():
         return list(DEFAULT_CLASS_NAMES)
-    names = [line.strip() for line in decode_utf8(path, path.read_bytes()).splitlines() if line.strip()]
+    names = [line.strip() for line in decode_utf8(path, path.read_bytes()).splitlines()
+             if line.strip()]
     if len(names) < 2:
         raise UserError(f"{path}: expected one class name per line, found {len(names)}")
     return names
 
 
-# ---------------------------------------------------------------------------------------------- download
+# ------------------------------------------------------------------------------------- download
 def file_md5(path):
     digest = hashlib.md5()
     with open(path, "rb") as f:
@@ -164,7 +134,8 @@ def file_md5(path):
 
 
 def download(name, data_dir):
-    """Fetch train.csv or test.csv into data_dir, check its md5, and only then move it into place."""
+    """Fetch train.csv or test.csv into data_dir, check its md5, and only then move it into
+    place."""
     url, dest = DOWNLOAD_URL.format(name=name), Path(data_dir) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".part")
@@ -173,12 +144,14 @@ def download(name, data_dir):
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
         if file_md5(tmp) != MD5[name]:
-            raise UserError(f"{url}: downloaded file has the wrong md5 (expected {MD5[name]}); try again")
+            raise UserError(f"{url}: downloaded file has the wrong md5 (expected {MD5[name]}); "
+                            f"try again")
         os.replace(tmp, dest)
     except OSError as err:  # URLError, timeouts and DNS failures are all OSErrors
         raise UserError(
-            f"could not download {url} ({err}). If this machine is offline, get AG News train.csv and "
-            f"test.csv elsewhere and pass --data-dir FOLDER (a folder holding both files)."
+            f"could not download {url} ({err}). If this machine is offline, "
+            f"get AG News train.csv and test.csv elsewhere and pass --data-dir FOLDER "
+            f"(a folder holding both files)."
         ) from None
     finally:
         if os.path.exists(tmp):
@@ -202,32 +175,59 @@ def stratified_split(labels, val_size, seed):
             list(range(len(labels))), test_size=val_size, stratify=labels, random_state=seed
         )
     except ValueError as err:
-        raise UserError(f"--val-size {val_size}: cannot carve a stratified split from {len(labels)} rows ({err})")
+        raise UserError(f"--val-size {val_size}: cannot carve a stratified split "
+                        f"from {len(labels)} rows ({err})")
     return sorted(train_idx), sorted(val_idx)
 
 
 def load_splits(data_dir, val_size, seed, max_train_samples=None):
-    """-> class names and (texts, labels) of the train, validation and test splits. The validation rows are a
-    stratified, seeded share of train.csv: the same (val_size, seed) always gives the same rows, which is how
-    evaluate.py --split val finds the rows a run validated on."""
+    """-> class names and (texts, labels) of the train, validation and test splits. The validation
+    rows are a stratified, seeded share of train.csv: the same (val_size, seed) always gives the
+    same rows, which is how evaluate.py --split val finds the rows a run validated on."""
     ensure_data(data_dir)
     class_names = read_class_names(data_dir)
     texts, labels = read_csv(Path(data_dir) / "train.csv", len(class_names))
     missing = [name for c, name in enumerate(class_names) if c not in set(labels)]
     if missing:
-        raise UserError(f"{Path(data_dir) / 'train.csv'}: no rows of class {missing} (classes.txt lists "
-                        f"{class_names}); the model cannot learn a class it never sees")
+        raise UserError(f"{Path(data_dir) / 'train.csv'}: no rows of class {missing} "
+                        f"(classes.txt lists {class_names}); "
+                        f"the model cannot learn a class it never sees")
     test = read_csv(Path(data_dir) / "test.csv", len(class_names))
-    train_idx, val_idx = stratified_split(labels, int(val_size) if val_size >= 1 else val_size, seed)
+    train_idx, val_idx = stratified_split(labels, int(val_size) if val_size >= 1 else val_size,
+                                          seed)
     if max_train_samples and max_train_samples < len(train_idx):
         train_idx = sorted(random.Random(seed).sample(train_idx, max_train_samples))
-    pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
+    pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
     return class_names, pick(train_idx), pick(val_idx), test
 
 
-# ---------------------------------------------------------------------------------------------- tokens
+def load_checkpoint_split(ckpt, ckpt_path, data_dir, split):
+    """-> texts, labels of the test split, or of the validation split exactly as the checkpoint's
+    run carved it (its --val-size and --seed). The head's outputs mean the checkpoint's classes:
+    data whose classes.txt lists others is refused, as scoring against it would be silently
+    wrong."""
+    class_names = read_class_names(data_dir)
+    if class_names != ckpt["class_names"]:
+        raise UserError(f"--ckpt {ckpt_path} was trained on classes {ckpt['class_names']}, but "
+                        f"{Path(data_dir) / 'classes.txt'} lists {class_names}. "
+                        f"Pass the --data-dir of that run.")
+    if split == "test":
+        ensure_data(data_dir, ("test.csv",))
+        return read_csv(Path(data_dir) / "test.csv", len(class_names))
+    if not (Path(data_dir) / "train.csv").is_file():
+        raise UserError(f"--split val: {Path(data_dir) / 'train.csv'} not found; "
+                        f"the validation rows are carved from the run's train.csv "
+                        f"(use --split test, or --data-dir of that run)")
+    config = ckpt["config"]
+    _, _, val, _ = load_splits(data_dir, config["val_size"], config["seed"],
+                               config.get("max_train_samples"))
+    return val
+
+
+# ------------------------------------------------------------------------------------- tokens
 def tokenize(tokenizer, texts, max_length, chunk=2048):
-    """Token ids per text, truncated to max_length, not padded (batches pad to their own longest row)."""
+    """Token ids per text, truncated to max_length, not padded (batches pad to their own longest
+    row)."""
     ids = []
     for start in range(0, len(texts), chunk):
         enc = tokenizer(
@@ -239,10 +239,12 @@ def tokenize(tokenizer, texts, max_length, chunk=2048):
 
 
 def tokenize_cached(tokenizer, texts, max_length, cache_dir):
-    """tokenize(), cached on disk under a key made of the tokenizer, max_length and the texts themselves, so a
-    second run (or a resumed one) skips the ~10 s per 100k rows that tokenizing takes on 2 cores."""
+    """tokenize(), cached on disk under a key made of the tokenizer, max_length and the texts
+    themselves, so a second run (or a resumed one) skips the ~10 s per 100k rows that tokenizing
+    takes on 2 cores."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    spec.pop("truncation", None)  # state that tokenizing itself sets: not part of what the ids depend on
+    # state that tokenizing itself sets: not part of what the ids depend on
+    spec.pop("truncation", None)
     spec.pop("padding", None)
     key = hashlib.sha256(f"{json.dumps(spec, sort_keys=True)}|{max_length}|".encode())
     for text in texts:
@@ -254,7 +256,7 @@ def tokenize_cached(tokenizer, texts, max_length, cache_dir):
             cached = torch.load(path, weights_only=True)
             flat, ends = cached["ids"].tolist(), cached["lengths"].cumsum(0).tolist()
             return [flat[end - n : end] for end, n in zip(ends, cached["lengths"].tolist())]
-        except Exception as err:  # a damaged cache file is rebuilt, never trusted
+        except Exception as err:  # noqa: BLE001 (a damaged cache file is rebuilt, never trusted)
             print(f"note: ignoring unreadable token cache {path} ({type(err).__name__})")
     ids = tokenize(tokenizer, texts, max_length)
     try:
@@ -262,33 +264,19 @@ def tokenize_cached(tokenizer, texts, max_length, cache_dir):
         atomic_save({"ids": torch.tensor([i for row in ids for i in row], dtype=torch.int32),
                      "lengths": torch.tensor([len(row) for row in ids])}, path)
     except OSError as err:  # a read-only data folder: run uncached
-        print(f"note: could not write the token cache in {cache_dir} ({err.strerror}); use --cache-dir")
+        print(f"note: could not write the token cache in {cache_dir} ({err.strerror}); "
+              f"use --cache-dir")
     return ids
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then os.replace: a crash, a kill or a full disk
-    mid-write never leaves a half file where the previous good one was."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def batch_order(lengths, batch_size, shuffle, seed=0, epoch=0, group_by_length=True):
     """A list of batches (lists of row indices).
 
     Evaluation (shuffle=False): rows sorted by length, so each batch pads little.
-    Training: a seeded permutation per epoch; with group_by_length it is cut into chunks of 64 batches, each
-    chunk sorted by length and cut into batches, and the batch order shuffled. The same (seed, epoch) always
-    gives the same order, so a resumed run can skip the batches it has done.
+    Training: a seeded permutation per epoch; with group_by_length it is cut into chunks of 64
+    batches, each chunk sorted by length and cut into batches, and the batch order shuffled. The
+    same (seed, epoch) always gives the same order, so a resumed run can skip the batches it has
+    done.
     """
     n = len(lengths)
     if not shuffle:
@@ -307,7 +295,8 @@ def batch_order(lengths, batch_size, shuffle, seed=0, epoch=0, group_by_length=T
 
 
 def collate(token_ids, rows, pad_id, pad_multiple=1):
-    """Pad the given rows to their longest (rounded up to pad_multiple) -> input_ids, attention_mask (B, T)."""
+    """Pad the given rows to their longest (rounded up to pad_multiple) -> input_ids,
+    attention_mask (B, T)."""
     longest = max(len(token_ids[i]) for i in rows)
     width = -(-longest // pad_multiple) * pad_multiple
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -1,102 +1,72 @@
-"""Evaluate a checkpoint: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix, the mistakes.
+"""Evaluate a checkpoint: accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix,
+the mistakes.
 
-    python evaluate.py --ckpt runs/best.pt                     # the test split of the run's --data-dir
-    python evaluate.py --ckpt runs/best.pt --split val --amp   # the run's own validation split, mixed precision
-    main(["--ckpt", "runs/best.pt"])                           # the same from a notebook cell
+    python evaluate.py --ckpt runs/best.pt                    # the test split of the run's data
+    python evaluate.py --ckpt runs/best.pt --split val --amp  # its validation split, bf16/fp16
+    main(["--ckpt", "runs/best.pt"])                          # the same from a notebook cell
 
-Works offline from the checkpoint alone (it holds the weights, the tokenizer and the training flags). Writes to
---output-dir (default: the checkpoint's folder): eval_{split}.json, confusion_{split}.png and mistakes_{split}.csv
-(the misclassified texts, most confident mistakes first).
+Works offline from the checkpoint alone (it holds the weights, the tokenizer and the training
+flags). Writes to --output-dir (default: the checkpoint's folder): eval_{split}.json,
+confusion_{split}.png and mistakes_{split}.csv (the misclassified texts, most confident mistakes
+first).
 """
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from data import (UserError, ensure_data, in_notebook, load_splits, parse_args, positive, read_class_names, read_csv,
-                  tokenize)
-from model import add_device_flags, environment, evaluate, load_model, pick_amp_dtype, pick_device
+from common import add_device_flags, environment, parse_args, positive, reports_dir
+from data import load_checkpoint_split, tokenize
+from model import evaluate_model, load_trained
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate a fine-tuned checkpoint on AG News.")
-    p.add_argument("--ckpt", default="best.pt", help="checkpoint written by train.py (best.pt or last.pt)")
-    p.add_argument("--data-dir", default=None, help="folder with test.csv (default: the run's --data-dir)")
+    p.add_argument("--ckpt", default="best.pt",
+                   help="checkpoint written by train.py (best.pt or last.pt)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with test.csv (default: the run's --data-dir)")
     p.add_argument("--split", choices=["test", "val"], default="test",
-                   help="val: the validation rows train.py carved from train.csv (same --val-size and --seed)")
+                   help="val: the validation rows train.py carved from train.csv "
+                        "(same --val-size and --seed)")
     p.add_argument("--batch-size", type=positive(int), default=128)
     add_device_flags(p)
-    p.add_argument("--output-dir", default=None, help="where the reports go (default: the checkpoint's folder)")
+    p.add_argument("--output-dir", default=None,
+                   help="where the reports go (default: the checkpoint's folder)")
     return p
 
 
-# ---------------------------------------------------------------------------------------------- data
-def check_class_names(ckpt, ckpt_path, data_dir):
-    """The head's outputs mean the checkpoint's classes; scoring them against other labels would be silently wrong."""
-    data_names = read_class_names(data_dir)
-    if data_names != ckpt["class_names"]:
-        raise UserError(f"--ckpt {ckpt_path} was trained on classes {ckpt['class_names']}, but "
-                        f"{Path(data_dir) / 'classes.txt'} lists {data_names}. Pass the --data-dir of that run.")
-    return data_names
-
-
-def load_split(ckpt, ckpt_path, data_dir, split):
-    """-> texts, labels of the test split, or of the validation split exactly as train.py carved it."""
-    class_names = check_class_names(ckpt, ckpt_path, data_dir)
-    if split == "test":
-        ensure_data(data_dir, ("test.csv",))
-        return read_csv(Path(data_dir) / "test.csv", len(class_names))
-    if not (Path(data_dir) / "train.csv").is_file():
-        raise UserError(f"--split val: {Path(data_dir) / 'train.csv'} not found; the validation rows are carved "
-                        f"from the run's train.csv (use --split test, or --data-dir of that run)")
-    # The run's own flags (val_size, seed) give the same stratified split train.py validated on.
-    config = ckpt["config"]
-    _, _, val, _ = load_splits(data_dir, config["val_size"], config["seed"], config.get("max_train_samples"))
-    return val
-
-
-def output_dir(args):
-    """--output-dir, or the checkpoint's folder; created if need be."""
-    out_dir = Path(args.output_dir) if args.output_dir else Path(args.ckpt).resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
-def load_run(args):
-    """What evaluate.py and visualize.py both start from -> device, AMP dtype, (model, tokenizer, checkpoint),
-    the data folder, and the --split's (texts, labels)."""
-    device = pick_device(args.device)
-    amp_dtype = pick_amp_dtype(device, args.amp, args.amp_dtype)
-    model, tokenizer, ckpt = load_model(args.ckpt, device)
-    data_dir = args.data_dir or ckpt["config"]["data_dir"]
-    return device, amp_dtype, (model, tokenizer, ckpt), data_dir, load_split(ckpt, args.ckpt, data_dir, args.split)
-
-
-# ---------------------------------------------------------------------------------------------- metrics
+# ------------------------------------------------------------------------------------- metrics
 def per_class_report(logits, labels, class_names):
-    """sklearn's per-class precision/recall/F1 (dict and text) and the confusion matrix (rows: gold, cols: predicted)
-    of the predictions whose loss/accuracy/macro-F1 model.classification_metrics computes."""
+    """sklearn's per-class precision/recall/F1 (dict and text) and the confusion matrix (rows: gold,
+    cols: predicted) of the predictions whose loss/accuracy/macro-F1
+    model.classification_metrics computes."""
     from sklearn.metrics import classification_report, confusion_matrix
 
     preds, ids = logits.argmax(-1).numpy(), list(range(len(class_names)))
-    kwargs = dict(labels=ids, target_names=class_names, zero_division=0)
+    kwargs = {"labels": ids, "target_names": class_names, "zero_division": 0}
     table = classification_report(labels, preds, output_dict=True, **kwargs)
-    per_class = {name: {"precision": float(table[name]["precision"]), "recall": float(table[name]["recall"]),
-                        "f1": float(table[name]["f1-score"]), "support": int(table[name]["support"])}
+    per_class = {name: {"precision": float(table[name]["precision"]),
+                        "recall": float(table[name]["recall"]),
+                        "f1": float(table[name]["f1-score"]),
+                        "support": int(table[name]["support"])}
                  for name in [*class_names, "macro avg", "weighted avg"]}
-    return {"per_class": per_class, "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist(),
+    return {"per_class": per_class,
+            "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist(),
             "report_text": classification_report(labels, preds, digits=4, **kwargs)}
 
 
 def mistakes(texts, labels, logits, class_names):
-    """Misclassified rows as dicts, the most confident mistakes first (those are the ones worth reading:
-    often a mislabeled row or a genuinely ambiguous story)."""
+    """Misclassified rows as dicts, the most confident mistakes first (those are the ones worth
+    reading: often a mislabeled row or a genuinely ambiguous story)."""
     probs = torch.softmax(logits.float(), -1)
     confidence, preds = (t.tolist() for t in probs.max(-1))
     rows = [{"row": i, "gold": class_names[labels[i]], "predicted": class_names[preds[i]],
-             "confidence": round(confidence[i], 4), "gold_probability": round(probs[i, labels[i]].item(), 4),
+             "confidence": round(confidence[i], 4),
+             "gold_probability": round(probs[i, labels[i]].item(), 4),
              "text": texts[i]}
             for i in range(len(texts)) if preds[i] != labels[i]]
     return sorted(rows, key=lambda r: -r["confidence"])
@@ -110,13 +80,15 @@ def write_mistakes(rows, path):
         writer.writerows(rows)
 
 
-# ---------------------------------------------------------------------------------------------- pictures
+# ------------------------------------------------------------------------------------- pictures
 CONFUSION_FIGSIZE, CONFUSION_DPI = (6.4, 5.6), 110
 
 
 def plot_confusion(matrix, class_names, title, path):
-    """Heat map of the row-normalised rates (recall per gold class) with the raw counts in each cell."""
-    from matplotlib.figure import Figure  # a bare Figure: no pyplot, no GUI backend, no global state
+    """Heat map of the row-normalised rates (recall per gold class) with the raw counts in each
+    cell."""
+    # a bare Figure: no pyplot, no GUI backend, no global state
+    from matplotlib.figure import Figure
 
     counts = torch.tensor(matrix, dtype=torch.float64)
     rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
@@ -126,8 +98,8 @@ def plot_confusion(matrix, class_names, title, path):
     fig.colorbar(image, ax=ax, label="share of the gold class (row-normalised)")
     for i in range(len(class_names)):
         for j in range(len(class_names)):
-            ax.text(j, i, f"{int(counts[i, j])}\n{rates[i, j]:.1%}", ha="center", va="center", fontsize=9,
-                    color="white" if rates[i, j] > 0.5 else "black")
+            ax.text(j, i, f"{int(counts[i, j])}\n{rates[i, j]:.1%}", ha="center", va="center",
+                    fontsize=9, color="white" if rates[i, j] > 0.5 else "black")
     ticks = range(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=30, ha="right")
     ax.set_yticks(ticks, class_names)
@@ -137,10 +109,11 @@ def plot_confusion(matrix, class_names, title, path):
     fig.savefig(path, dpi=CONFUSION_DPI)
 
 
-# ---------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------- main
 def print_summary(result, report_text, errors, path):
-    print(f"{path}: {result['split']} split, {result['rows']} rows: accuracy {result['accuracy']:.4f}, "
-          f"macro-F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f}")
+    print(f"{path}: {result['split']} split, {result['rows']} rows: "
+          f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
+          f"loss {result['loss']:.4f}")
     print(report_text)
     width = max(len(n) for n in result["class_names"]) + 2
     print("confusion matrix (rows: gold, columns: predicted)")
@@ -148,37 +121,46 @@ def print_summary(result, report_text, errors, path):
     for name, row in zip(result["class_names"], result["confusion_matrix"]):
         print(f"{name:<{width}}" + "".join(f"{c:>9}" for c in row))
     for r in errors[:3]:
-        print(f"  mistake ({r['confidence']:.0%} sure): gold {r['gold']}, predicted {r['predicted']}: "
-              f"{r['text'][:100]}")
+        print(f"  mistake ({r['confidence']:.0%} sure): gold {r['gold']}, "
+              f"predicted {r['predicted']}: {r['text'][:100]}")
 
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)
-    device, amp_dtype, (model, tokenizer, ckpt), data_dir, (texts, labels) = load_run(args)
-    out_dir, class_names = output_dir(args), ckpt["class_names"]
+    model, tokenizer, ckpt, device, amp_dtype = load_trained(args.ckpt, args.device, args.amp,
+                                                             args.amp_dtype)
+    data_dir = args.data_dir or ckpt["config"]["data_dir"]
+    texts, labels = load_checkpoint_split(ckpt, args.ckpt, data_dir, args.split)
+    out_dir, class_names = reports_dir(args.output_dir, args.ckpt), ckpt["class_names"]
 
-    print(f"evaluating {args.ckpt} (step {ckpt['step']}) on {len(texts)} {args.split} rows of {data_dir} ({device})")
+    print(f"evaluating {args.ckpt} (step {ckpt['step']}) on {len(texts)} {args.split} rows "
+          f"of {data_dir} ({device})")
     token_ids = tokenize(tokenizer, texts, ckpt["max_length"])
-    metrics, logits = evaluate(model, token_ids, labels, tokenizer.pad_token_id, device, amp_dtype, args.batch_size)
+    metrics, logits = evaluate_model(model, token_ids, labels, tokenizer.pad_token_id, device,
+                                     amp_dtype, args.batch_size)
     details = per_class_report(logits, labels, class_names)
     errors = mistakes(texts, labels, logits, class_names)
 
-    result = {"checkpoint": str(args.ckpt), "step": ckpt["step"], "data_dir": str(data_dir), "split": args.split,
-              "rows": len(texts), "class_names": class_names, **metrics, "per_class": details["per_class"],
-              "confusion_matrix": details["confusion_matrix"], "misclassified": len(errors),
-              "env": environment(device, amp_dtype)}
-    files = {"json": out_dir / f"eval_{args.split}.json", "confusion_png": out_dir / f"confusion_{args.split}.png",
+    result = {"checkpoint": str(args.ckpt), "step": ckpt["step"], "data_dir": str(data_dir),
+              "split": args.split, "rows": len(texts), "class_names": class_names, **metrics,
+              "per_class": details["per_class"], "confusion_matrix": details["confusion_matrix"],
+              "misclassified": len(errors), "env": environment(device, amp_dtype)}
+    files = {"json": out_dir / f"eval_{args.split}.json",
+             "confusion_png": out_dir / f"confusion_{args.split}.png",
              "mistakes_csv": out_dir / f"mistakes_{args.split}.csv"}
     files["json"].write_text(json.dumps(result, indent=1))
     plot_confusion(details["confusion_matrix"], class_names,
                    f"{Path(args.ckpt).name}, {args.split} split ({len(texts)} rows): "
-                   f"accuracy {metrics['accuracy']:.1%}, macro-F1 {metrics['macro_f1']:.3f}", files["confusion_png"])
+                   f"accuracy {metrics['accuracy']:.1%}, macro-F1 {metrics['macro_f1']:.3f}",
+                   files["confusion_png"])
     write_mistakes(errors, files["mistakes_csv"])
     print_summary(result, details["report_text"], errors, args.ckpt)
     print("wrote " + ", ".join(str(p) for p in files.values()))
-    return {**{k: result[k] for k in ("split", "rows", "loss", "accuracy", "macro_f1", "misclassified")},
+    return {**{k: result[k]
+               for k in ("split", "rows", "loss", "accuracy", "macro_f1", "misclassified")},
             "files": {k: str(p) for k, p in files.items()}}
 
 
-if __name__ == "__main__" and not in_notebook():  # pasted into a cell: define main(), run nothing
-    main()
+# `python evaluate.py` and `%run evaluate.py` set __file__; a pasted cell only defines main().
+if __name__ == "__main__" and "__file__" in globals():
+    main(sys.argv[1:])

@@ -1,12 +1,12 @@
 """Classify news texts with a trained checkpoint: the topic and each class's probability, per text.
 
-    python predict.py --ckpt best.pt "Stocks rally as the Fed holds rates" "Late goal wins the derby"
-    python predict.py --ckpt best.pt --file headlines.txt --format csv > predictions.csv   # one text per line
-    main(["--ckpt", "best.pt", "Stocks rally ..."])      # from a notebook cell: returns the rows as dicts
+    python predict.py --ckpt best.pt "Stocks rally as the Fed holds rates" "Late goal wins derby"
+    python predict.py --ckpt best.pt --file headlines.txt --format csv > out.csv  # a text per line
+    main(["--ckpt", "best.pt", "Stocks rally ..."])  # from a notebook cell: returns rows as dicts
 
-Works offline from best.pt alone: the tokenizer and the encoder's config are stored inside it. Texts are
-cleaned as in training (data.clean_text) and run in batches, longest first, with --amp under autocast.
-app.py imports load_classifier from here, so the command line and the web page share one inference path.
+Works offline from best.pt alone: the tokenizer and the encoder's config are stored inside it.
+Texts are cleaned as in training (data.clean_text) and run in batches, longest first, with --amp
+under autocast. model.load_classifier is the one inference path, shared with the web page (app.py).
 """
 import argparse
 import csv
@@ -15,56 +15,42 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from data import UserError, clean_text, decode_utf8, in_notebook, parse_args, positive, tokenize
-from model import add_device_flags, load_model, pick_amp_dtype, pick_device, predict
+from common import UserError, add_device_flags, parse_args, positive
+from data import clean_text, decode_utf8
+from model import load_classifier
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Classify news texts with a checkpoint written by train.py.")
+    p = argparse.ArgumentParser(
+        description="Classify news texts with a checkpoint written by train.py.")
     p.add_argument("texts", nargs="*", help="texts to classify (quote each one)")
     p.add_argument("--ckpt", default="best.pt", help="checkpoint written by train.py")
-    p.add_argument("--file", help="a UTF-8 text file with one text per line (blank lines are skipped)")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output on stdout")
+    p.add_argument("--file",
+                   help="a UTF-8 text file with one text per line (blank lines are skipped)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="output on stdout")
     p.add_argument("--batch-size", type=positive(int), default=64)
     add_device_flags(p)
     return p
 
 
-def probabilities(model, tokenizer, max_length, texts, device, amp_dtype=None, batch_size=64):
-    """Texts -> (N, C) fp32 class probabilities, rows in input order. Cleaned and truncated as in training."""
-    token_ids = tokenize(tokenizer, [clean_text(t) for t in texts], max_length)
-    logits = predict(model, token_ids, tokenizer.pad_token_id, device, amp_dtype, batch_size)
-    return logits.softmax(-1)
-
-
-def load_classifier(ckpt, device="auto", amp=False, amp_dtype="auto"):
-    """best.pt -> (classify, info): classify(texts, batch_size=64) -> (N, C) probabilities; info holds the
-    checkpoint's class_names, max_length, config, epoch, best_metric and encoder_config."""
-    device = pick_device(device)
-    amp_dtype = pick_amp_dtype(device, amp, amp_dtype)
-    model, tokenizer, state = load_model(ckpt, device)
-    # Keep the small entries only: the weights (and last.pt's optimizer) would be a second copy in memory.
-    info = {k: state.get(k) for k in ("class_names", "max_length", "config", "epoch", "best_metric", "encoder_config")}
-
-    def classify(texts, batch_size=64):
-        return probabilities(model, tokenizer, info["max_length"], texts, device, amp_dtype, batch_size)
-
-    return classify, info
-
-
 def read_texts(texts, file=None):
-    """The arguments, then the non-blank lines of file; refuses an empty result or a text with no words."""
+    """The arguments, then the non-blank lines of file; refuses an empty result or a text with no
+    words."""
     texts = list(texts)
     if file is not None:
         path = Path(file)
         if not path.is_file():
             raise UserError(f"--file {path}: file not found")
-        lines = [line.strip() for line in decode_utf8(path, path.read_bytes()).splitlines() if line.strip()]
+        lines = [line.strip() for line in decode_utf8(path, path.read_bytes()).splitlines()
+                 if line.strip()]
         if not lines:
-            raise UserError(f"--file {path}: no texts in it (the file is empty or has only blank lines)")
+            raise UserError(f"--file {path}: no texts in it "
+                            f"(the file is empty or has only blank lines)")
         texts += lines
     if not texts:
-        raise UserError("no texts to classify: pass them as arguments, or --file FILE with one text per line")
+        raise UserError("no texts to classify: pass them as arguments, "
+                        "or --file FILE with one text per line")
     for i, text in enumerate(texts):
         if not clean_text(text):  # "" or only markup: the model would see [CLS] [SEP] and guess
             raise UserError(f"text {i + 1} ({text!r}) is empty once cleaned; nothing to classify")
@@ -81,7 +67,8 @@ def write_rows(rows, class_names, fmt, out=None):
     """One row per text on out (stdout): an aligned table, a JSON list, or CSV with a header."""
     out = out or sys.stdout
     if fmt == "json":
-        # A JSON list with one text per line: valid JSON for json.load, and still readable with grep or head.
+        # A JSON list with one text per line: valid JSON for json.load, and still readable with grep
+        # or head.
         out.write("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n")
     elif fmt == "csv":
         writer = csv.writer(out)
@@ -89,17 +76,20 @@ def write_rows(rows, class_names, fmt, out=None):
         writer.writerows([r["text"], r["label"], *r["probabilities"].values()] for r in rows)
     else:
         width = max(8, *(len(name) for name in class_names))
-        out.write(f"{'label':<{width}} " + " ".join(f"{name:>{width}}" for name in class_names) + "  text\n")
+        out.write(f"{'label':<{width}} " + " ".join(f"{name:>{width}}" for name in class_names)
+                  + "  text\n")
         for r in rows:
             text = r["text"] if len(r["text"]) <= 70 else r["text"][:69] + "…"
-            out.write(f"{r['label']:<{width}} " + " ".join(f"{x:>{width}.3f}" for x in r["probabilities"].values())
+            out.write(f"{r['label']:<{width}} "
+                      + " ".join(f"{x:>{width}.3f}" for x in r["probabilities"].values())
                       + f"  {text}\n")
 
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     texts = read_texts(args.texts, args.file)
-    # stdout carries only the results, so `--format json > out.json` stays parseable: notes go to stderr.
+    # stdout carries only the results, so `--format json > out.json` stays parseable: notes go to
+    # stderr.
     with redirect_stdout(sys.stderr):
         classify, info = load_classifier(args.ckpt, args.device, args.amp, args.amp_dtype)
     rows = to_rows(texts, classify(texts, args.batch_size), info["class_names"])
@@ -107,5 +97,6 @@ def main(argv=None):
     return rows
 
 
-if __name__ == "__main__" and not in_notebook():  # pasted into a cell: define main(), run nothing
-    main()
+# `python predict.py` and `%run predict.py` set __file__; a pasted cell only defines main().
+if __name__ == "__main__" and "__file__" in globals():
+    main(sys.argv[1:])

@@ -1,15 +1,17 @@
 """Fine-tune a BERT-family encoder plus a linear head on AG News.
 
-    python train.py --epochs 3 --amp                     # bert-base-uncased, writes best.pt and last.pt here
-    main(["--epochs", "3", "--amp"])                     # the same from a notebook cell
+    python train.py --epochs 3 --amp    # bert-base-uncased; writes best.pt, last.pt, metrics.jsonl
+    %run train.py --epochs 3 --amp      # the same in a notebook
+    main(["--epochs", "3", "--amp"])    # the same from a cell, once this file is pasted or imported
 
-Reads top to bottom: flags, setup, data, model and optimizer, resume, one training loop, final test.
+main() reads top to bottom: flags, setup, data, model and optimizer, resume, the loop, the test.
 """
 import argparse
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,23 +19,45 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
 
-from data import (UserError, batch_order, collate, file_md5, in_notebook, load_splits, non_negative, parse_args,
-                  positive, tokenize_cached)
-from model import (CHECKPOINT_FORMAT, TopicClassifier, add_device_flags, autocast, environment, evaluate,
-                   keep_freed_memory, load_pretrained, model_max_length, pad_multiple, pick_amp_dtype, pick_device,
-                   read_checkpoint, save_checkpoint, speed_up_cpu_training, to_device, tokenizer_files)
+from common import (
+    UserError,
+    add_device_flags,
+    autocast,
+    environment,
+    non_negative,
+    pad_multiple,
+    parse_args,
+    pick_amp_dtype,
+    pick_device,
+    positive,
+    to_device,
+)
+from cpu_speed import speed_up_cpu_training
+from data import batch_order, collate, file_md5, load_splits, tokenize_cached
+from model import (
+    TopicClassifier,
+    evaluate_model,
+    load_pretrained,
+    make_checkpoint,
+    model_max_length,
+    read_checkpoint,
+    save_checkpoint,
+    tokenizer_files,
+)
 
 # Flags that must be the same to --resume a run: they fix the data, the batches or the LR schedule.
-RESUME_KEYS = ("model", "data_dir", "max_length", "batch_size", "grad_accum_steps", "epochs", "lr",
-               "weight_decay", "warmup_ratio", "seed", "max_train_samples", "val_size", "dropout",
-               "group_by_length", "amp", "amp_dtype")
+RESUME_KEYS = ("model", "data_dir", "max_length", "batch_size", "grad_accum_steps", "epochs",
+               "lr", "weight_decay", "warmup_ratio", "seed", "max_train_samples", "val_size",
+               "dropout", "group_by_length", "amp", "amp_dtype")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Fine-tune a BERT-family encoder on AG News.")
-    p.add_argument("--model", default="bert-base-uncased", help="hub name or local folder of an encoder")
-    p.add_argument("--data-dir", default="data/ag_news", help="folder with train.csv, test.csv (downloaded if missing)")
+    p.add_argument("--model", default="bert-base-uncased", help="hub name or local folder")
+    p.add_argument("--data-dir", default="data/ag_news",
+                   help="folder with train.csv, test.csv (downloaded if missing)")
     p.add_argument("--output-dir", default=".", help="where best.pt, last.pt and metrics.jsonl go")
     p.add_argument("--epochs", type=positive(int), default=3)
     p.add_argument("--batch-size", type=positive(int), default=32)
@@ -43,20 +67,23 @@ def build_parser():
     p.add_argument("--warmup-ratio", type=non_negative(float), default=0.1)
     p.add_argument("--max-grad-norm", type=positive(float), default=1.0)
     p.add_argument("--grad-accum-steps", type=positive(int), default=1)
-    p.add_argument("--dropout", type=non_negative(float), default=0.1, help="dropout before the head")
+    p.add_argument("--dropout", type=non_negative(float), default=0.1, help="before the head")
     add_device_flags(p)
-    p.add_argument("--max-length", type=positive(int), default=128, help="truncate texts to this many tokens")
-    p.add_argument("--val-size", type=positive(float), default=0.05, help="fraction (or row count) of train.csv")
-    p.add_argument("--max-train-samples", type=positive(int), default=None, help="train on a random subset")
+    p.add_argument("--max-length", type=positive(int), default=128, help="tokens kept per text")
+    p.add_argument("--val-size", type=positive(float), default=0.05,
+                   help="fraction (or row count) of train.csv held out for validation")
+    p.add_argument("--max-train-samples", type=positive(int), help="train on a random subset")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch rows of similar length together (less padding)")
-    p.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "agnews-bert"),
-                   help="where tokenized data is cached between runs")
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "agnews-bert")
+    p.add_argument("--cache-dir", default=cache, help="where tokenized data is kept between runs")
     p.add_argument("--seed", type=non_negative(int), default=42)
-    p.add_argument("--log-every", type=positive(int), default=50, help="optimizer steps between log lines")
-    p.add_argument("--save-every", type=non_negative(int), default=0, help="also write last.pt every N steps")
+    p.add_argument("--log-every", type=positive(int), default=50, help="steps per log line")
+    p.add_argument("--save-every", type=non_negative(int), default=0,
+                   help="also write last.pt every N steps")
     p.add_argument("--resume", action="store_true", help="continue from last.pt in --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="replace another run's best.pt in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run's best.pt and last.pt in --output-dir")
     return p
 
 
@@ -67,18 +94,19 @@ def prepare_output_dir(out_dir, args):
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as err:
         raise UserError(f"--output-dir {out_dir}: not writable ({err})") from None
-    for stale in out_dir.glob(".*.pt.*.tmp"):  # left by a run killed mid-write; the real files are intact
+    for stale in out_dir.glob(".*.pt.*.tmp"):  # a run killed mid-write left it
         stale.unlink()
     if args.resume and not (out_dir / "last.pt").is_file():
         raise UserError(f"--resume: no last.pt in --output-dir {out_dir} to resume from")
     existing = [name for name in ("best.pt", "last.pt") if (out_dir / name).exists()]
     if existing and not args.resume and not args.overwrite:
-        raise UserError(f"--output-dir {out_dir} already holds {' and '.join(existing)} from another run. Pass "
-                        f"--resume to continue that run, --overwrite to replace it, or another --output-dir.")
+        raise UserError(f"--output-dir {out_dir} already holds {' and '.join(existing)} from "
+                        f"another run. Pass --resume to continue that run, --overwrite to replace "
+                        f"it, or another --output-dir.")
 
 
 def check_room(out_dir, model):
-    # last.pt holds the weights and AdamW's two moments (all fp32); best.pt the weights; plus a temp copy.
+    # last.pt: the weights and AdamW's two moments (all fp32); best.pt: the weights; a temp copy.
     need = sum(p.numel() for p in model.parameters()) * 4 * (3 + 1 + 1)
     free = shutil.disk_usage(out_dir).free
     if free < need:
@@ -87,47 +115,53 @@ def check_room(out_dir, model):
 
 
 def make_optimizer(model, args):
-    # No weight decay on biases and LayerNorm weights (the BERT recipe): those are the 1-D parameters.
+    # No weight decay on biases and LayerNorm weights (the BERT recipe): the 1-D parameters.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    try:  # fused: one kernel updates every parameter (on CPUs since torch 2.4; measured faster there too)
+    try:  # fused: one kernel updates every parameter (on CPUs since torch 2.4; faster there too)
         return torch.optim.AdamW(groups, lr=args.lr, fused=True)
     except RuntimeError:  # torch 2.3 on a CPU
         return torch.optim.AdamW(groups, lr=args.lr)
 
 
-def checkpoint(model, tokenizer_blobs, class_names, args, epoch, step, best_acc, **training_state):
-    """The one checkpoint format (see model.py); training_state is what last.pt adds for --resume."""
-    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-            "encoder_config": model.encoder.config.to_dict(), "tokenizer_files": tokenizer_blobs,
-            "class_names": class_names, "max_length": args.max_length, "config": vars(args),
-            "epoch": epoch, "step": step, "best_metric": {"name": "val_accuracy", "value": best_acc},
-            **training_state}
-
-
-def training_state(optimizer, scheduler, scaler, batches_done, train_md5, device, amp_dtype):
+def training_state(optimizer, scheduler, scaler, batches_done, device):
+    """What last.pt adds to a checkpoint so that --resume continues exactly where the run was."""
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":  # dropout on the GPU draws from the training device's generator
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng, "batches_done": batches_done, "train_md5": train_md5,
-            "amp_dtype": str(amp_dtype)}
+            "scaler": scaler.state_dict(), "rng": rng, "batches_done": batches_done}
 
 
-def resume(path, args, train_md5, amp_dtype, model, optimizer, scheduler, scaler):
-    """Load last.pt into model and optimizer -> (epoch, batches done in it, step, best val accuracy)."""
+def rewind_metrics(path, step, evaluated):
+    """Drop the metrics.jsonl lines a killed run wrote after its last checkpoint: the resumed run
+    writes them again. An epoch-end checkpoint comes after that epoch's evaluation, a mid-epoch one
+    before it; the final test report comes after every checkpoint."""
+    if not path.is_file():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = [r for r in records if r.get("split") != "test"
+            and (r["step"] < step or r["step"] == step and (r["type"] == "train" or evaluated))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def resume(path, args, run_info, model, optimizer, scheduler, scaler):
+    """Load last.pt into the model and optimizer -> (epoch, batches done in it, step, best val
+    accuracy)."""
     state = read_checkpoint(path)
     saved = state["config"]
     diffs = [f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {getattr(args, k)!r} now"
              for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
-    if state.get("train_md5") != train_md5:
-        diffs.append(f"train.csv: md5 {state.get('train_md5')} then, {train_md5} now (the data changed)")
-    if state.get("amp_dtype") != str(amp_dtype):  # --amp-dtype auto resolves by GPU: a T4 gives fp16, an A100 bf16
-        diffs.append(f"mixed precision: {state.get('amp_dtype')} then, {amp_dtype} now (another GPU?); "
-                     f"pass --amp-dtype to match, or start a new run")
+    if state.get("train_md5") != run_info["train_md5"]:
+        diffs.append(f"train.csv: md5 {state.get('train_md5')} then, {run_info['train_md5']} now "
+                     f"(the data changed)")
+    if state.get("amp_dtype") != run_info["amp_dtype"]:  # auto: a T4 gives fp16, an A100 bf16
+        diffs.append(f"mixed precision: {state.get('amp_dtype')} then, {run_info['amp_dtype']} "
+                     f"now (another GPU?); pass --amp-dtype to match, or start a new run")
     if diffs:
-        raise UserError(f"--resume: {path} is from a run with other settings:\n  " + "\n  ".join(diffs))
+        raise UserError(f"--resume: {path} is from a run with other settings:\n  "
+                        + "\n  ".join(diffs))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -135,35 +169,98 @@ def resume(path, args, train_md5, amp_dtype, model, optimizer, scheduler, scaler
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and next(model.parameters()).is_cuda:
         torch.cuda.set_rng_state(state["rng"]["cuda"], next(model.parameters()).device)
-    rewind_metrics(path.parent / "metrics.jsonl", state["step"], evaluated=state["batches_done"] == 0)
+    rewind_metrics(path.parent / "metrics.jsonl", state["step"], state["batches_done"] == 0)
     print(f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
     return state["epoch"], state["batches_done"], state["step"], state["best_metric"]["value"]
 
 
-def rewind_metrics(path, step, evaluated):
-    """Drop the metrics.jsonl lines a killed run wrote after its last checkpoint: the resumed run writes them
-    again. An epoch-end checkpoint comes after that epoch's evaluation, a mid-epoch one before it."""
-    if not path.is_file():
-        return
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in records if r.get("split") != "test"  # the final report comes after every checkpoint
-            and (r["step"] < step or r["step"] == step and (r["type"] == "train" or evaluated))]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+def warn_if_slow(seconds_per_step, steps_left):
+    hours = seconds_per_step * steps_left / 3600
+    if hours >= 1:
+        tqdm.write(f"warning: on this CPU the run will take about {hours:.1f} hours. For a quick "
+                   f"run, use --max-train-samples 5000, a smaller --model (e.g. a MiniLM or "
+                   f"DistilBERT folder), --amp if not set, or a GPU (Colab: Runtime > Change "
+                   f"runtime type > GPU).")
 
 
-def check_finite(loss_sum, step, out_dir):
-    """Stop on a NaN/Inf loss or gradient before it reaches a checkpoint (fp16 overflows are the scaler's)."""
-    if not math.isfinite(loss_sum):
-        raise UserError(f"the training loss or gradients became {loss_sum} by step {step}; stopping. The last good "
-                        f"checkpoints in {out_dir} are kept. Try a lower --lr, or --amp-dtype bf16 instead of fp16.")
+class TrainingLog:
+    """What the loop reports, kept out of it: the progress bar; every --log-every steps one line
+    with loss, lr and throughput, to the terminal and to metrics.jsonl; the NaN/Inf check; and the
+    slow-CPU warning."""
 
+    def __init__(self, path, args, train_lengths, total_steps, step, device, fp16):
+        if not args.resume:
+            path.write_text("")
+        self.path, self.out_dir = path, path.parent
+        self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+                        dynamic_ncols=True)
+        self.log_every, self.lengths, self.total_steps = args.log_every, train_lengths, total_steps
+        self.first_step, self.device, self.fp16 = step, device, fp16
+        # Summed on the device and read (a sync) only at a log line: the loss, and the steps whose
+        # gradient norm was NaN/Inf (with fp16 the GradScaler skips those; else they stop the run).
+        self.loss_sum = torch.zeros((), device=device)
+        self.bad_grads = torch.zeros((), dtype=torch.int64, device=device)
+        self.steps = self.samples = self.tokens = 0
+        self.start = time.perf_counter()
 
-def log_line(log_file, record):
-    log_file.write(json.dumps(record) + "\n")
-    log_file.flush()
+    def micro_batch(self, loss, rows):
+        self.loss_sum += loss.detach()
+        self.samples += len(rows)
+        self.tokens += sum(self.lengths[i] for i in rows)
+
+    def step(self, step, epoch, lr, grad_norm, end_of_epoch):
+        self.steps += 1
+        if not self.fp16:
+            self.bad_grads += ~torch.isfinite(grad_norm)
+        self.bar.update()
+        if step == self.first_step + 1:
+            self.warm = time.perf_counter()  # the first step pays for warm-up: time from its end
+        elif step == self.first_step + 6 and self.device.type == "cpu":
+            warn_if_slow((time.perf_counter() - self.warm) / 5, self.total_steps - step)
+        if step % self.log_every == 0 or end_of_epoch:
+            loss = self.check_finite(step) / self.steps
+            seconds = time.perf_counter() - self.start  # after check_finite's sync: work done
+            samples_per_s = self.samples / seconds
+            self.write({"type": "train", "epoch": epoch + 1, "step": step, "loss": loss, "lr": lr,
+                        "samples_per_s": samples_per_s, "tokens_per_s": self.tokens / seconds,
+                        "window_s": seconds})
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", 
+                                 samples_s=f"{samples_per_s:.1f}")
+            tqdm.write(f"epoch {epoch + 1} step {step}/{self.total_steps} loss {loss:.4f} "
+                       f"lr {lr:.2e} {samples_per_s:.1f} samples/s")
+            self.loss_sum.zero_()
+            self.steps = self.samples = self.tokens = 0
+            self.start = time.perf_counter()
+
+    def check_finite(self, step):
+        """-> the loss summed since the last log line. Stops the run on a NaN/Inf loss or gradient
+        before it reaches a checkpoint."""
+        loss_sum, bad_grads = self.loss_sum.item(), self.bad_grads.item()
+        if not math.isfinite(loss_sum) or bad_grads:
+            value = loss_sum if not math.isfinite(loss_sum) else "nan or inf"
+            raise UserError(f"the training loss or gradients became {value} by step {step}; "
+                            f"stopping. The last good "
+                            f"checkpoints in {self.out_dir} are kept. Try a lower --lr, or "
+                            f"--amp-dtype bf16 instead of fp16.")
+        return loss_sum
+
+    def evaluation(self, split, step, metrics, epoch=None):
+        where = {} if epoch is None else {"epoch": epoch + 1}
+        self.write({"type": "eval", "split": split, **where, "step": step, **metrics})
+        tqdm.write(f"{split}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+                   f"macro-F1 {metrics['macro_f1']:.4f}")
+        self.start = time.perf_counter()  # evaluation time is not training throughput
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self):
+        self.bar.close()
 
 
 def main(argv=None):
+    # ---- flags and setup
     args = parse_args(build_parser(), argv)
     out_dir = Path(args.output_dir)
     prepare_output_dir(out_dir, args)
@@ -171,138 +268,108 @@ def main(argv=None):
     device = pick_device(args.device)
     amp_dtype = pick_amp_dtype(device, args.amp, args.amp_dtype)
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; fp32 weights all the same
-    if device.type == "cpu":
-        keep_freed_memory()  # no page faults on the word-embedding gradient every step (see model.py)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; weights stay fp32
     env = environment(device, amp_dtype)
     print(json.dumps({"config": vars(args), "env": env}, indent=1))
 
-    # ---- data: read, clean, split, tokenize once (each batch is padded to its own longest row later)
-    class_names, (train_texts, train_labels), (val_texts, val_labels), (test_texts, test_labels) = load_splits(
-        args.data_dir, args.val_size, args.seed, args.max_train_samples)
-    train_md5 = file_md5(Path(args.data_dir) / "train.csv")  # --resume checks the data is the same
+    # ---- data: read, clean, split, tokenize once (each batch is padded to its longest row later)
+    class_names, (train_texts, train_labels), (val_texts, val_labels), (test_texts, test_labels) = \
+        load_splits(args.data_dir, args.val_size, args.seed, args.max_train_samples)
     encoder, tokenizer = load_pretrained(args.model)
     limit = model_max_length(tokenizer, encoder.config)
     if args.max_length > limit:
-        raise UserError(f"--max-length {args.max_length}: {args.model} takes at most {limit} tokens")
-    cache_dir = Path(args.cache_dir).expanduser()
-    train_ids, val_ids, test_ids = (tokenize_cached(tokenizer, texts, args.max_length, cache_dir)
-                                    for texts in (train_texts, val_texts, test_texts))
-    train_lengths, train_labels_t = [len(t) for t in train_ids], torch.tensor(train_labels)
+        raise UserError(f"--max-length {args.max_length}: {args.model} takes at most {limit} "
+                        f"tokens")
+    train_ids, val_ids, test_ids = (
+        tokenize_cached(tokenizer, texts, args.max_length, Path(args.cache_dir).expanduser())
+        for texts in (train_texts, val_texts, test_texts))
+    train_lengths, train_labels = [len(ids) for ids in train_ids], torch.tensor(train_labels)
     pad_id, multiple = tokenizer.pad_token_id, pad_multiple(device, amp_dtype)
-    print(f"train {len(train_ids)} rows, val {len(val_ids)}, test {len(test_ids)}; mean train length "
-          f"{sum(train_lengths) / len(train_lengths):.1f} tokens; classes {class_names}")
+    print(f"train {len(train_ids)} rows, val {len(val_ids)}, test {len(test_ids)}; mean train "
+          f"length {sum(train_lengths) / len(train_lengths):.1f} tokens; classes {class_names}")
 
-    # ---- model, optimizer, schedule
+    # ---- model, optimizer, schedule, and what every checkpoint of this run holds
     model = TopicClassifier(encoder, len(class_names), args.dropout).to(device)
     if device.type == "cpu":
-        speed_up_cpu_training(model)  # the same dropout, with a faster random generator (see model.py)
+        speed_up_cpu_training(model)  # the same dropout, drawn faster; see cpu_speed.py
     check_room(out_dir, model)
     optimizer = make_optimizer(model, args)
-    batches_per_epoch = math.ceil(len(train_ids) / args.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.grad_accum_steps)
+    steps_per_epoch = math.ceil(math.ceil(len(train_ids) / args.batch_size) / args.grad_accum_steps)
     total_steps = steps_per_epoch * args.epochs
-    from transformers import get_linear_schedule_with_warmup
-
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # a no-op unless fp16
+    warmup_steps = round(args.warmup_ratio * total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 only
+    run_info = {"tokenizer_files": tokenizer_files(tokenizer), "class_names": class_names,
+                "max_length": args.max_length, "config": vars(args), "amp_dtype": str(amp_dtype),
+                "train_md5": file_md5(Path(args.data_dir) / "train.csv")}
     start_epoch, batches_done, step, best_acc = 0, 0, 0, -1.0
     if args.resume:
         start_epoch, batches_done, step, best_acc = resume(
-            out_dir / "last.pt", args, train_md5, amp_dtype, model, optimizer, scheduler, scaler)
+            out_dir / "last.pt", args, run_info, model, optimizer, scheduler, scaler)
     (out_dir / "config.json").write_text(json.dumps({"config": vars(args), "env": env}, indent=1))
-    tokenizer_blobs = tokenizer_files(tokenizer)  # the tokenizer travels inside every checkpoint
-    save = lambda name, epoch, **extra: save_checkpoint(  # noqa: E731
-        checkpoint(model, tokenizer_blobs, class_names, args, epoch, step, best_acc, **extra), out_dir / name)
 
-    # ---- one loop: micro-batches -> clip -> step -> log; evaluate and checkpoint each epoch
-    log_file = open(out_dir / "metrics.jsonl", "a" if args.resume else "w")
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    # ---- the loop: micro-batches -> clip -> step -> log; evaluate and checkpoint each epoch
+    log = TrainingLog(out_dir / "metrics.jsonl", args, train_lengths, total_steps, step, device,
+                      fp16=scaler.is_enabled())
     model.train()
-    loss_sum = torch.zeros((), device=device)  # summed on the device: .item() (a sync) only when logging
-    window_steps, window_samples, window_tokens, window_start = 0, 0, 0, time.perf_counter()
-    run_start_step, run_start = step, None
     for epoch in range(start_epoch, args.epochs):
-        batches = batch_order(train_lengths, args.batch_size, True, args.seed, epoch, args.group_by_length)
+        batches = batch_order(train_lengths, args.batch_size, True, args.seed, epoch,
+                              args.group_by_length)
         for first in range(batches_done, len(batches), args.grad_accum_steps):
-            group = batches[first : first + args.grad_accum_steps]
-            for rows in group:
-                input_ids, attention_mask, targets = to_device(
-                    [*collate(train_ids, rows, pad_id, multiple), train_labels_t[rows]], device)
+            micro_batches = batches[first : first + args.grad_accum_steps]
+            for rows in micro_batches:
+                input_ids, attention_mask, targets = to_device(  # (B, T), (B, T), (B,)
+                    [*collate(train_ids, rows, pad_id, multiple), train_labels[rows]], device)
                 with autocast(device, amp_dtype):
-                    logits = model(input_ids, attention_mask)
-                loss = F.cross_entropy(logits.float(), targets) / len(group)
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-                window_samples += len(rows)
-                window_tokens += sum(train_lengths[i] for i in rows)
+                    logits = model(input_ids, attention_mask)  # (B, num_classes)
+                # The loss in fp32, divided so the summed gradients are the mean over the step.
+                loss = F.cross_entropy(logits.float(), targets) / len(micro_batches)
+                scaler.scale(loss).backward()  # fp16: scaled up so small gradients don't underflow
+                log.micro_batch(loss, rows)
             scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            if not scaler.is_enabled():  # fp16 overflows are the scaler's to skip; anywhere else NaN/Inf is fatal
-                loss_sum += 0 * grad_norm  # NaN/Inf in, NaN out: caught with the loss at the next check
             scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]  # the LR this step used
             scheduler.step()  # every step, skipped or not, so the schedule ends at total_steps
             step += 1
-            window_steps += 1
-            bar.update()
-            if step == run_start_step + 1:
-                run_start = time.perf_counter()  # the first step pays for warm-up: time from its end
-            elif step == run_start_step + 6 and device.type == "cpu":
-                warn_if_slow((time.perf_counter() - run_start) / 5, total_steps - step)
-            if step % args.log_every == 0 or first + len(group) == len(batches):
-                elapsed = time.perf_counter() - window_start
-                record = {"type": "train", "epoch": epoch + 1, "step": step,
-                          "loss": loss_sum.item() / window_steps, "lr": lr,
-                          "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
-                          "window_s": elapsed}
-                check_finite(record["loss"], step, out_dir)
-                log_line(log_file, record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                samples_s=f"{record['samples_per_s']:.1f}")
-                tqdm.write(f"epoch {epoch + 1} step {step}/{total_steps} loss {record['loss']:.4f} "
-                           f"lr {record['lr']:.2e} {record['samples_per_s']:.1f} samples/s")
-                loss_sum.zero_()
-                window_steps, window_samples, window_tokens, window_start = 0, 0, 0, time.perf_counter()
+            batches_done = first + len(micro_batches)
+            log.step(step, epoch, lr, grad_norm, end_of_epoch=batches_done == len(batches))
             if args.save_every and step % args.save_every == 0:
-                check_finite(loss_sum.item(), step, out_dir)
-                save("last.pt", epoch, **training_state(optimizer, scheduler, scaler, first + len(group), train_md5,
-                                                     device, amp_dtype))
+                log.check_finite(step)  # never a NaN into last.pt
+                state = training_state(optimizer, scheduler, scaler, batches_done, device)
+                save_checkpoint(make_checkpoint(model, run_info, epoch, step, best_acc, **state),
+                                out_dir / "last.pt")
         batches_done = 0
 
-        metrics, _ = evaluate(model, val_ids, val_labels, pad_id, device, amp_dtype, args.eval_batch_size)
-        log_line(log_file, {"type": "eval", "split": "val", "epoch": epoch + 1, "step": step, **metrics})
-        tqdm.write(f"epoch {epoch + 1} validation: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-                   f"macro-F1 {metrics['macro_f1']:.4f}")
+        metrics, _ = evaluate_model(model, val_ids, val_labels, pad_id, device, amp_dtype,
+                                    args.eval_batch_size)
+        log.evaluation("val", step, metrics, epoch)
         if metrics["accuracy"] > best_acc:
             best_acc = metrics["accuracy"]
-            save("best.pt", epoch + 1)
+            save_checkpoint(make_checkpoint(model, run_info, epoch + 1, step, best_acc),
+                            out_dir / "best.pt")
             tqdm.write(f"saved {out_dir / 'best.pt'} (val accuracy {best_acc:.4f})")
-        save("last.pt", epoch + 1, **training_state(optimizer, scheduler, scaler, 0, train_md5, device, amp_dtype))
-        window_start = time.perf_counter()  # evaluation time is not training throughput
-    bar.close()
+        state = training_state(optimizer, scheduler, scaler, 0, device)
+        save_checkpoint(make_checkpoint(model, run_info, epoch + 1, step, best_acc, **state),
+                        out_dir / "last.pt")
+    log.close()
 
     # ---- final report: the best checkpoint on the held-out test set
     model.load_state_dict(read_checkpoint(out_dir / "best.pt")["model"])
-    metrics, _ = evaluate(model, test_ids, test_labels, pad_id, device, amp_dtype, args.eval_batch_size)
-    log_line(log_file, {"type": "eval", "split": "test", "step": step, **metrics})
-    log_file.close()
-    (out_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": "best.pt", "val_accuracy": best_acc,
-                                                           **{f"test_{k}": v for k, v in metrics.items()}}, indent=1))
+    metrics, _ = evaluate_model(model, test_ids, test_labels, pad_id, device, amp_dtype,
+                                args.eval_batch_size)
+    log.evaluation("test", step, metrics)
+    result = {"val_accuracy": best_acc, **{f"test_{k}": v for k, v in metrics.items()}}
+    (out_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": "best.pt", **result},
+                                                          indent=1))
     print(f"best.pt: val accuracy {best_acc:.4f}, test accuracy {metrics['accuracy']:.4f}, "
           f"test macro-F1 {metrics['macro_f1']:.4f}")
-    return {"val_accuracy": best_acc, **{f"test_{k}": v for k, v in metrics.items()}}
+    return result
 
 
-def warn_if_slow(seconds_per_step, steps_left):
-    hours = seconds_per_step * steps_left / 3600
-    if hours >= 1:
-        tqdm.write(f"warning: on this CPU the run will take about {hours:.1f} hours. For a quick run, use "
-                   f"--max-train-samples 5000, a smaller --model (e.g. a MiniLM or DistilBERT folder), --amp "
-                   f"if not set, or a GPU (Colab: Runtime > Change runtime type > GPU).")
-
-
-if __name__ == "__main__" and not in_notebook():  # pasted into a cell: define main(), run nothing
-    main()
+# `python train.py` and `%run train.py` set __file__; pasted into a cell, this file only defines
+# main(), and the next cell calls main([...flags]).
+if __name__ == "__main__" and "__file__" in globals():
+    main(sys.argv[1:])

@@ -1,19 +1,24 @@
-"""Training throughput: transformers' Trainer vs our train.py loop, in ONE run, same model, rows, batch size, steps.
+"""Training throughput: transformers' Trainer vs our train.py loop, in ONE run, same model, rows, \
+batch size, steps.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_train.py                    # MiniLM on ag_news_small, ~8 min on 2 cores
-    python benchmarks/bench_train.py --full-epoch                        # + accuracy: 1 epoch each, test split
-    python benchmarks/bench_train.py --device cuda --random-init --steps 300 --batch-size 32   # bert-base on a GPU
+    # MiniLM on ag_news_small, ~8 min on 2 cores
+    HF_HUB_OFFLINE=1 python benchmarks/bench_train.py
+    # + accuracy: 1 epoch each, test split
+    python benchmarks/bench_train.py --full-epoch
+    # bert-base on a GPU
+    python benchmarks/bench_train.py --device cuda --random-init --steps 300 --batch-size 32
 
 Set-ups (lr 1e-4, warmup 10 %, batch 32 unless flags say otherwise):
   trainer_default  Trainer, fp32, every row padded to --max-length (its default set-up)
   trainer_best     Trainer, bf16 (fp16 on GPUs without bf16), dynamic padding, group_by_length
   ours_fp32        train.main(), fp32
-  ours_amp         train.main(--amp): bf16/fp16 autocast, length-grouped batches, padding to x8 on GPUs;
-                   on CPUs also cpu_dropout and keep_freed_memory (see model.py, benchmarks/cpu_levers.py)
+  ours_amp         train.main(--amp): bf16/fp16 autocast, length-grouped batches, padding to x8
+                   on GPUs; on CPUs also cpu_dropout and keep_freed_memory (see cpu_speed.py,
+                   benchmarks/cpu_levers.py)
 
 Samples/s are steady-state (the first steps, which pay for warm-up, are not timed). Model FLOP/s =
-(6 x non-embedding parameters + 12 x layers x hidden x mean length) x real tokens/s, against a bf16 matmul peak
-measured here at the model's own GEMM shapes.
+(6 x non-embedding parameters + 12 x layers x hidden x mean length) x real tokens/s, against a bf16
+matmul peak measured here at the model's own GEMM shapes.
 """
 import argparse
 import inspect
@@ -31,8 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402
-from data import UserError, load_splits, parse_args, tokenize  # noqa: E402
+import train
+from common import UserError, parse_args, pick_device
+from data import load_splits, tokenize
 
 SETUPS = ["trainer_default", "trainer_best", "ours_fp32", "ours_amp"]
 WARMUP_STEPS = 5
@@ -50,14 +56,17 @@ def default_model():
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=default_model())
-    p.add_argument("--random-init", action="store_true", help="bert-base architecture (BertConfig()), random weights")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/ag_news_small"))
+    p.add_argument("--random-init", action="store_true",
+                   help="bert-base architecture (BertConfig()), random weights")
+    p.add_argument("--data-dir", default=str(ROOT / "data/ag_news_small"))
     p.add_argument("--steps", type=int, default=80, help="optimizer steps timed per set-up")
-    p.add_argument("--full-epoch", action="store_true", help="1 whole epoch each and test accuracy (slow)")
+    p.add_argument("--full-epoch", action="store_true",
+                   help="1 whole epoch each and test accuracy (slow)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=42, help="validation split, initialization, batch order")
+    p.add_argument("--seed", type=int, default=42,
+                   help="validation split, initialization, batch order")
     p.add_argument("--device", default="auto")
     p.add_argument("--setups", default=",".join(SETUPS))
     p.add_argument("--output", default=None, help="also write the results as JSON here")
@@ -68,19 +77,23 @@ def prepare_data(args, work):
     """A data folder whose train.csv holds exactly the rows to train on, plus 64 validation rows."""
     src = Path(args.data_dir)
     if not (src / "train.csv").is_file() or not (src / "test.csv").is_file():
-        raise UserError(f"--data-dir {src}: needs train.csv and test.csv (e.g. AG News, or its 6,000-row stand-in)")
+        raise UserError(f"--data-dir {src}: needs train.csv and test.csv (e.g. AG News, or its "
+                        "6,000-row stand-in)")
     lines = (src / "train.csv").read_text(encoding="utf-8").splitlines(keepends=True)
     n = len(lines) if args.full_epoch else min(len(lines), args.steps * args.batch_size + 64)
     (work / "data").mkdir()
     (work / "data" / "train.csv").write_text("".join(lines[:n]), encoding="utf-8")
     test_lines = (src / "test.csv").read_text(encoding="utf-8").splitlines(keepends=True)
-    (work / "data" / "test.csv").write_text("".join(test_lines if args.full_epoch else test_lines[:64]), encoding="utf-8")
-    _, train_split, _, test_split = load_splits(work / "data", 64, args.seed)  # exactly the rows train.py trains on
+    (work / "data" / "test.csv").write_text(
+        "".join(test_lines if args.full_epoch else test_lines[:64]), encoding="utf-8")
+    # exactly the rows train.py trains on
+    _, train_split, _, test_split = load_splits(work / "data", 64, args.seed)
     return train_split, test_split
 
 
 def random_bert_base(args, work):
-    """bert-base-uncased's architecture with random weights, and the (identical) MiniLM tokenizer."""
+    """bert-base-uncased's architecture with random weights, and the (identical) MiniLM
+    tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     folder = work / "bert-base-random"
@@ -91,10 +104,13 @@ def random_bert_base(args, work):
 
 
 def matmul_peak(hidden, intermediate, tokens, device, dtype):
-    """Best GFLOP/s over the model's own GEMM shapes: (tokens x hidden) @ (hidden x hidden / intermediate) and back."""
+    """Best GFLOP/s over the model's own GEMM shapes: (tokens x hidden) @ (hidden x hidden /
+    intermediate) and back."""
     best = 0.0
-    for k, n in [(hidden, hidden), (hidden, intermediate), (intermediate, hidden), (hidden, 3 * hidden)]:
-        a, b = torch.randn(tokens, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    for k, n in [(hidden, hidden), (hidden, intermediate), (intermediate, hidden),
+                 (hidden, 3 * hidden)]:
+        a, b = (torch.randn(tokens, k, device=device, dtype=dtype),
+                torch.randn(k, n, device=device, dtype=dtype))
         for _ in range(3):
             a @ b
         sync(device)
@@ -113,24 +129,28 @@ def sync(device):
 
 def run_ours(name, args, work, model_name, device):
     out = work / name
-    flags = ["--model", model_name, "--data-dir", str(work / "data"), "--output-dir", str(out), "--epochs", "1",
-             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--val-size", "64", "--log-every", "5",
-             "--max-length", str(args.max_length), "--device", str(device), "--seed", str(args.seed), "--overwrite"]
+    flags = ["--model", model_name, "--data-dir", str(work / "data"), "--output-dir", str(out),
+             "--epochs", "1", "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+             "--val-size", "64", "--log-every", "5", "--max-length", str(args.max_length),
+             "--device", str(device), "--seed", str(args.seed), "--overwrite"]
     result = train.main(flags + (["--amp"] if name == "ours_amp" else []))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in records if r["type"] == "train" and r["step"] > WARMUP_STEPS]  # the first window is warm-up
+    # the first window is warm-up
+    windows = [r for r in records if r["type"] == "train" and r["step"] > WARMUP_STEPS]
     samples = sum(r["samples_per_s"] * r["window_s"] for r in windows)
-    return {"samples_per_s": samples / sum(r["window_s"] for r in windows), "test_accuracy": result["test_accuracy"]}
+    return {"samples_per_s": samples / sum(r["window_s"] for r in windows),
+            "test_accuracy": result["test_accuracy"]}
 
 
 def trainer_arguments(name, args, work, device):
     from transformers import TrainingArguments
 
     params = inspect.signature(TrainingArguments.__init__).parameters
-    kw = dict(output_dir=str(work / name), per_device_train_batch_size=args.batch_size,
-              per_device_eval_batch_size=128, learning_rate=args.lr, num_train_epochs=1,
-              max_steps=-1 if args.full_epoch else args.steps, logging_strategy="no", save_strategy="no",
-              report_to=[], seed=args.seed, disable_tqdm=True, use_cpu=device.type == "cpu")
+    kw = {"output_dir": str(work / name), "per_device_train_batch_size": args.batch_size,
+          "per_device_eval_batch_size": 128, "learning_rate": args.lr, "num_train_epochs": 1,
+          "max_steps": -1 if args.full_epoch else args.steps, "logging_strategy": "no",
+          "save_strategy": "no", "report_to": [], "seed": args.seed, "disable_tqdm": True,
+          "use_cpu": device.type == "cpu"}
     # transformers 5 takes the warm-up fraction as warmup_steps and renamed group_by_length.
     kw.update({"warmup_ratio": 0.1} if "warmup_ratio" in params else {"warmup_steps": 0.1})
     if name == "trainer_best":
@@ -142,8 +162,14 @@ def trainer_arguments(name, args, work, device):
 
 
 def run_trainer(name, args, work, model_name, device, train_split, test_split):
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, default_data_collator)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        default_data_collator,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     padding = "max_length" if name == "trainer_default" else False
@@ -163,15 +189,16 @@ def run_trainer(name, args, work, model_name, device, train_split, test_split):
     model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=4)
     trainer = Trainer(model=model, args=trainer_arguments(name, args, work, device),
                       train_dataset=dataset(*train_split),
-                      data_collator=default_data_collator if padding else DataCollatorWithPadding(tokenizer),
+                      data_collator=(default_data_collator if padding
+                                     else DataCollatorWithPadding(tokenizer)),
                       callbacks=[StepTimer()])
     trainer.train()
     last = max(step_times)
     samples = (last - WARMUP_STEPS) * args.batch_size
     result = {"samples_per_s": samples / (step_times[last] - step_times[WARMUP_STEPS])}
     if args.full_epoch:
-        # label_ids, not test_split's order: with group_by_length, transformers 5 also length-groups (so reorders)
-        # the evaluation rows.
+        # label_ids, not test_split's order: with group_by_length, transformers 5 also length-groups
+        # (so reorders) the evaluation rows.
         out = trainer.predict(dataset(*test_split))
         result["test_accuracy"] = float((out.predictions.argmax(-1) == out.label_ids).mean())
     return result
@@ -188,30 +215,34 @@ def non_embedding_params(config):
 def report(results, args, config, mean_len, device):
     params = non_embedding_params(config)
     tokens = args.batch_size * math.ceil(mean_len / 8) * 8
-    peak_bf16 = matmul_peak(config.hidden_size, config.intermediate_size, tokens, device, torch.bfloat16)
+    peak_bf16 = matmul_peak(config.hidden_size, config.intermediate_size, tokens, device,
+                            torch.bfloat16)
     flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * mean_len
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU ({platform.machine()})"
-    print(f"\n{where}, torch {torch.__version__}; model {config.model_type} {config.num_hidden_layers}x"
-          f"{config.hidden_size} ({params / 1e6:.1f}M non-embedding parameters); batch {args.batch_size}; "
-          f"{'1 epoch' if args.full_epoch else f'{args.steps} steps'}; mean {mean_len:.1f} real tokens/row; "
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{os.cpu_count()}-core CPU ({platform.machine()})")
+    print(f"\n{where}, torch {torch.__version__}; model {config.model_type} "
+          f"{config.num_hidden_layers}x{config.hidden_size} "
+          f"({params / 1e6:.1f}M non-embedding parameters); batch {args.batch_size}; "
+          f"{'1 epoch' if args.full_epoch else f'{args.steps} steps'}; "
+          f"mean {mean_len:.1f} real tokens/row; "
           f"bf16 matmul peak at the model's shapes {peak_bf16:.0f} GFLOP/s\n")
     base = results.get("trainer_default", {}).get("samples_per_s")
-    print("| set-up | samples/s | real tokens/s | vs Trainer default | model GFLOP/s | % of bf16 peak | "
-          "s per 120k-row epoch | test accuracy |")
+    print("| set-up | samples/s | real tokens/s | vs Trainer default | model GFLOP/s "
+          "| % of bf16 peak | s per 120k-row epoch | test accuracy |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         gflops = flops_per_token * r["samples_per_s"] * mean_len / 1e9
         acc = f"{100 * r['test_accuracy']:.2f} %" if args.full_epoch else "-"
         ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
-        print(f"| {name} | {r['samples_per_s']:.1f} | {r['samples_per_s'] * mean_len:.0f} | {ratio} | {gflops:.0f} | "
-              f"{100 * gflops / peak_bf16:.0f} % | {120_000 / r['samples_per_s']:.0f} | {acc} |")
-    return {"peak_bf16_gflops": peak_bf16, "mean_len": mean_len, "non_embedding_params": params, "results": results}
+        print(f"| {name} | {r['samples_per_s']:.1f} | {r['samples_per_s'] * mean_len:.0f} | "
+              f"{ratio} | {gflops:.0f} | {100 * gflops / peak_bf16:.0f} % | "
+              f"{120_000 / r['samples_per_s']:.0f} | {acc} |")
+    return {"peak_bf16_gflops": peak_bf16, "mean_len": mean_len, "non_embedding_params": params,
+            "results": results}
 
 
 def main(argv=None):
     from transformers import AutoConfig, AutoTokenizer
-
-    from model import pick_device
 
     args = parse_args(build_parser(), argv)
     device = pick_device(args.device)
@@ -219,21 +250,25 @@ def main(argv=None):
         work = Path(tmp)
         model_name = random_bert_base(args, work) if args.random_init else args.model
         train_split, test_split = prepare_data(args, work)
-        lengths = [len(ids) for ids in tokenize(AutoTokenizer.from_pretrained(model_name), train_split[0], args.max_length)]
+        lengths = [len(ids) for ids in tokenize(AutoTokenizer.from_pretrained(model_name),
+                                                train_split[0], args.max_length)]
         results = {}
-        # The Trainer first: train.main() tunes malloc on CPUs for the rest of the process (keep_freed_memory).
+        # The Trainer first: train.main() tunes malloc on CPUs for the rest of the process
+        # (keep_freed_memory).
         for name in sorted(args.setups.split(","), key=lambda name: not name.startswith("trainer")):
             print(f"\n=== {name}", flush=True)
             if name.startswith("trainer"):
-                results[name] = run_trainer(name, args, work, model_name, device, train_split, test_split)
+                results[name] = run_trainer(name, args, work, model_name, device, train_split,
+                                            test_split)
             else:
                 results[name] = run_ours(name, args, work, model_name, device)
             print(f"=== {name}: {results[name]}", flush=True)
-        summary = report(results, args, AutoConfig.from_pretrained(model_name), sum(lengths) / len(lengths), device)
+        summary = report(results, args, AutoConfig.from_pretrained(model_name),
+                         sum(lengths) / len(lengths), device)
     if args.output:
         Path(args.output).write_text(json.dumps(summary, indent=1))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,9 +1,13 @@
-"""What each CPU lever in model.py adds to a bf16 training step, each variant in its own fresh process.
+"""What each CPU lever in cpu_speed.py adds to a bf16 training step, each variant in its own \
+fresh process.
 
-    HF_HUB_OFFLINE=1 python benchmarks/cpu_levers.py          # MiniLM, ag_news_small, 100 steps of 32: ~4 min
+    # MiniLM, ag_news_small, 100 steps of 32: ~4 min
+    HF_HUB_OFFLINE=1 python benchmarks/cpu_levers.py
 
-Variants (all: bf16 autocast, length-grouped batches, fused AdamW, clipping; the same batches in the same order):
-  plain         the model as transformers loads it (SDPA attention, nn.Dropout), glibc's default malloc
+Variants (all: bf16 autocast, length-grouped batches, fused AdamW, clipping; the same batches in the
+same order):
+  plain         the model as transformers loads it (SDPA attention, nn.Dropout), glibc's default
+                malloc
   +memory       keep_freed_memory(): freed blocks are reused, not page-faulted back in every step
   +dropout      and speed_up_cpu_training(): cpu_dropout everywhere, eager attention with it
 """
@@ -24,26 +28,29 @@ def run_variant(variant, args):
     import torch
     import torch.nn.functional as F
 
-    import model as lib
+    import cpu_speed
     from data import batch_order, collate, load_splits, tokenize
+    from model import TopicClassifier, load_pretrained
 
     if variant != "plain":
-        lib.keep_freed_memory()
-    encoder, tokenizer = lib.load_pretrained(args.model)
+        cpu_speed.keep_freed_memory()
+    encoder, tokenizer = load_pretrained(args.model)
     _, (texts, labels), _, _ = load_splits(args.data_dir, 0.05, seed=42)
     token_ids = tokenize(tokenizer, texts, 128)
-    batches = batch_order([len(t) for t in token_ids], args.batch_size, shuffle=True, seed=42)[: args.steps + 5]
+    batches = batch_order([len(t) for t in token_ids], args.batch_size, shuffle=True,
+                          seed=42)[: args.steps + 5]
     torch.manual_seed(0)
-    net = lib.TopicClassifier(encoder, 4).train()
+    net = TopicClassifier(encoder, 4).train()
     if variant == "+dropout":
-        lib.speed_up_cpu_training(net)
+        cpu_speed.use_cpu_dropout(net)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
     labels = torch.tensor(labels)
     for i, rows in enumerate(batches):
         if i == 5:
             start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(net(*collate(token_ids, rows, tokenizer.pad_token_id)).float(), labels[rows])
+            loss = F.cross_entropy(net(*collate(token_ids, rows, tokenizer.pad_token_id)).float(),
+                                   labels[rows])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
@@ -57,11 +64,13 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=default_model())
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/ag_news_small"))
+    p.add_argument("--data-dir", default=str(ROOT / "data/ag_news_small"))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved; the best counts")
-    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # set in the child processes
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each variant, interleaved; the best counts")
+    # set in the child processes
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -71,15 +80,17 @@ def main(argv=None):
     results = {v: [] for v in VARIANTS}
     for _ in range(args.repeats):
         for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--data-dir", args.data_dir,
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+            cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model,
+                   "--data-dir", args.data_dir, "--steps", str(args.steps),
+                   "--batch-size", str(args.batch_size)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results[variant].append(float(out.strip().splitlines()[-1]))
             print(f"{variant}: {results[variant][-1]:.1f} samples/s", flush=True)
     base = max(results["plain"])
     print("\n| variant | samples/s (best of runs) | all runs | vs plain |\n|---|---|---|---|")
     for variant, runs in results.items():
-        print(f"| {variant} | {max(runs):.1f} | {', '.join(f'{r:.1f}' for r in runs)} | {max(runs) / base:.2f}x |")
+        print(f"| {variant} | {max(runs):.1f} | {', '.join(f'{r:.1f}' for r in runs)} | "
+              f"{max(runs) / base:.2f}x |")
     return results
 
 

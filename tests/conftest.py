@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT saved as a local folder, and tiny AG News-style CSVs. No network."""
+"""Shared fixtures: a tiny random BERT saved as a local folder, and tiny AG News-style CSVs.
+No network."""
 import csv
 import json
 import random
@@ -16,31 +17,36 @@ TOPIC_WORDS = [
     ["stocks", "profit", "market", "bank", "shares", "oil"],
     ["software", "computer", "space", "internet", "chip", "nasa"],
 ]
-COMMON_WORDS = ["the", "a", "of", "in", "on", "says", "new", "after", "over", "with", "reuters", "ap", "-", ".", ","]
+COMMON_WORDS = ["the", "a", "of", "in", "on", "says", "new", "after", "over", "with", "reuters",
+                "ap", "-", ".", ","]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A 2-layer, 32-wide random BERT with its own vocab, saved like a hub model (config, weights, tokenizer)."""
+    """A 2-layer, 32-wide random BERT with its own vocab, saved like a hub model (config, weights,
+    tokenizer)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     folder = tmp_path_factory.mktemp("tiny_bert")
     vocab = SPECIAL + sorted({w for words in TOPIC_WORDS for w in words} | set(COMMON_WORDS))
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    # A vocab.txt plus this is how bert-base-uncased ships its tokenizer; AutoTokenizer builds the fast one from it
-    # (transformers 4 and 5 alike), so save that, with tokenizer.json, as a hub folder would hold it.
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    # A vocab.txt plus this is how bert-base-uncased ships its tokenizer; AutoTokenizer builds the
+    # fast one from it (transformers 4 and 5 alike), so save that, with tokenizer.json, as a hub
+    # folder would hold it.
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
     AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)
     return folder
 
 
 def make_rows(n_per_class, seed):
-    """Rows (label 1-4, title, description) whose words give the topic away, so a model can learn them."""
+    """Rows (label 1-4, title, description) whose words give the topic away, so a model can learn
+    them."""
     rng = random.Random(seed)
     rows = []
     for label, words in enumerate(TOPIC_WORDS, start=1):
@@ -73,15 +79,18 @@ def tiny_data_dir(tmp_path):
 
 def tiny_args(model_dir, data_dir, out_dir, *extra):
     """train.py flags that make a run on the tiny model and data take about a second."""
-    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out_dir), "--device", "cpu",
-            "--cache-dir", str(data_dir / ".cache"),
-            "--batch-size", "16", "--lr", "3e-3", "--val-size", "0.2", "--log-every", "2", *map(str, extra)]
+    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--output-dir", str(out_dir),
+            "--device", "cpu", "--cache-dir", str(data_dir / ".cache"),
+            "--batch-size", "16", "--lr", "3e-3", "--val-size", "0.2", "--log-every", "2",
+            *map(str, extra)]
 
 
 def train_tiny(model_dir, tmp_path_factory, epochs):
-    """A finished tiny training run (for module-scoped fixtures) -> (its output folder, its data folder)."""
+    """A finished tiny training run (for module-scoped fixtures) -> (its output folder, its data
+    folder)."""
     import train
 
-    data_dir, run_dir = write_tiny_data(tmp_path_factory.mktemp("ag_news")), tmp_path_factory.mktemp("run")
+    data_dir, run_dir = (write_tiny_data(tmp_path_factory.mktemp("ag_news")),
+                         tmp_path_factory.mktemp("run"))
     train.main(tiny_args(model_dir, data_dir, run_dir, "--epochs", epochs))
     return run_dir, data_dir

@@ -2,8 +2,8 @@
 
     python tests/killer.py {step,eval,write} N -- <train.py flags>
 
-step: in the N-th optimizer step, between backward and the update; eval: as the N-th evaluation starts;
-write: halfway through writing the N-th checkpoint file.
+step: in the N-th optimizer step, between backward and the update; eval: as the N-th evaluation
+starts; write: halfway through writing the N-th checkpoint file.
 """
 import io
 import os
@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch  # noqa: E402
+import torch
 
-import data  # noqa: E402
-import train  # noqa: E402
+import common
+import train
 
 point, n, flags = sys.argv[1], int(sys.argv[2]), sys.argv[4:]
 calls = 0
@@ -43,7 +43,7 @@ real_save = torch.save
 if point == "step":
     torch.nn.utils.clip_grad_norm_ = kill_on_nth(torch.nn.utils.clip_grad_norm_)
 elif point == "eval":
-    train.evaluate = kill_on_nth(train.evaluate)
+    train.evaluate_model = kill_on_nth(train.evaluate_model)
 elif point == "write":
-    data.torch.save = kill_on_nth(real_save, before_dying=write_half)
+    common.torch.save = kill_on_nth(real_save, before_dying=write_half)
 train.main(flags)

@@ -10,7 +10,7 @@ import pytest
 from conftest import train_tiny
 
 import app
-from data import UserError
+from common import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
@@ -48,8 +48,9 @@ def test_app_serves_one_prediction_over_http(tiny_ckpt, tmp_path):
     port, log = free_port(), tmp_path / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--ckpt", str(tiny_ckpt), "--device", "cpu",
-                                 "--port", str(port)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--ckpt", str(tiny_ckpt),
+                                 "--device", "cpu", "--port", str(port)],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_for_page(url, proc, log)
@@ -64,7 +65,8 @@ def test_app_serves_one_prediction_over_http(tiny_ckpt, tmp_path):
             proc.wait(timeout=20)
     confidences = {c["label"]: c["confidence"] for c in result["confidences"]}
     assert sorted(confidences) == sorted(CLASS_NAMES) and abs(sum(confidences.values()) - 1) < 1e-4
-    assert result["label"] in CLASS_NAMES and result["label"] == max(confidences, key=confidences.get)
+    assert (result["label"] in CLASS_NAMES
+            and result["label"] == max(confidences, key=confidences.get))
     assert "127.0.0.1" in log.read_text()
 
 

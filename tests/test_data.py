@@ -5,17 +5,41 @@ import urllib.error
 import pytest
 
 import data
-from data import UserError, batch_order, clean_text, collate, read_csv, stratified_split, tokenize
+from common import UserError
+from data import batch_order, clean_text, collate, read_csv, stratified_split, tokenize
 
-# Rows copied byte for byte from the original AG News test.csv (lines 2, 90, 103, 119, 217, 225, 327).
-REAL_ROWS = r'''"4","The Race is On: Second Private Team Sets Launch Date for Human Spaceflight (SPACE.com)","SPACE.com - TORONTO, Canada -- A second\team of rocketeers competing for the  #36;10 million Ansari X Prize, a contest for\privately funded suborbital space flight, has officially announced the first\launch date for its manned rocket."
-"4","Consumers Would Pay In Phone Proposal","A proposal backed by a coalition of telephone carriers would cut billions of dollars in fees owed by long-distance companies to regional phone giants but would allow the regional companies to make up some of the difference by raising monthly phone bills for millions of consumers. &lt;FONT face=""verdana,MS Sans Serif,arial,helvetica"" size=""-2""\ color=""#666666""&gt;&lt;B&gt;-The Washington Post&lt;/B&gt;&lt;/FONT&gt;"
-"4","China cracks down on  quot;phone sex quot; services","BEIJING, Aug. 17 (Xinhuanet) -- China is carrying out a nationwide campaign to crack down on  quot;phone sex quot; services, paralleling another sweeping operation against Internet pornography, Minister of Information Industry Wang Xudong said here Tuesday. "
-"3","Mills Grabs \$1B Portfolio; Taubman Likely to Lose Contracts","Mills Corp. agreed to purchase a 50 percent interest in nine malls owned by General Motors Asset Management Corp. for just over \$1 billion, creating a new joint venture between the groups. The deal will extend ..."
-"3","UPDATE 1-J amp;J in talks to buy Guidant - sources","Health care and consumer products maker Johnson  amp; Johnson (JNJ.N: Quote, Profile, Research) is in negotiations to acquire medical-device maker Guidant Corp."
-"3","Credit Suisse to merge CSFB unit into parent","Credit Suisse Group announced plans to merge its Credit Suisse First Boston Securities unit with the rest of the company #39;s operations and cut as many as 300 jobs."
-"1","Republican Convention Light on Stars (AP)","AP - The Republicans will have one sure Hollywood star for their convention  #151; California Gov. Arnold Schwarzenegger  #151; along with performers to keep the country music fans happy. But they'll be hard-pressed to match the Democratic convention's appeal to young voters led by Ben Affleck."
-'''
+# Rows copied byte for byte from the original AG News test.csv (lines 2, 90, 103, 119, 217, 225,
+# 327).
+REAL_ROWS = (
+    r'''"4","The Race is On: Second Private Team Sets Launch Date for Human Spaceflight '''
+    r'''(SPACE.com)","SPACE.com - TORONTO, Canada -- A second\team of rocketeers competing for '''
+    r'''the  #36;10 million Ansari X Prize, a contest for\privately funded suborbital space '''
+    r'''flight, has officially announced the first\launch date for its manned rocket."''' "\n"
+    r'''"4","Consumers Would Pay In Phone Proposal","A proposal backed by a coalition of '''
+    r'''telephone carriers would cut billions of dollars in fees owed by long-distance companies '''
+    r'''to regional phone giants but would allow the regional companies to make up some of the '''
+    r'''difference by raising monthly phone bills for millions of consumers. &lt;FONT '''
+    r'''face=""verdana,MS Sans Serif,arial,helvetica"" size=""-2""\ '''
+    r'''color=""#666666""&gt;&lt;B&gt;-The Washington Post&lt;/B&gt;&lt;/FONT&gt;"''' "\n"
+    r'''"4","China cracks down on  quot;phone sex quot; services","BEIJING, Aug. 17 (Xinhuanet) '''
+    r'''-- China is carrying out a nationwide campaign to crack down on  quot;phone sex quot; '''
+    r'''services, paralleling another sweeping operation against Internet pornography, Minister '''
+    r'''of Information Industry Wang Xudong said here Tuesday. "''' "\n"
+    r'''"3","Mills Grabs \$1B Portfolio; Taubman Likely to Lose Contracts","Mills Corp. agreed '''
+    r'''to purchase a 50 percent interest in nine malls owned by General Motors Asset Management '''
+    r'''Corp. for just over \$1 billion, creating a new joint venture between the groups. The '''
+    r'''deal will extend ..."''' "\n"
+    r'''"3","UPDATE 1-J amp;J in talks to buy Guidant - sources","Health care and consumer '''
+    r'''products maker Johnson  amp; Johnson (JNJ.N: Quote, Profile, Research) is in '''
+    r'''negotiations to acquire medical-device maker Guidant Corp."''' "\n"
+    r'''"3","Credit Suisse to merge CSFB unit into parent","Credit Suisse Group announced plans '''
+    r'''to merge its Credit Suisse First Boston Securities unit with the rest of the company '''
+    r'''#39;s operations and cut as many as 300 jobs."''' "\n"
+    r'''"1","Republican Convention Light on Stars (AP)","AP - The Republicans will have one sure '''
+    r'''Hollywood star for their convention  #151; California Gov. Arnold Schwarzenegger  #151; '''
+    r'''along with performers to keep the country music fans happy. But they'll be hard-pressed '''
+    r'''to match the Democratic convention's appeal to young voters led by Ben Affleck."''' "\n"
+)
 
 
 @pytest.fixture
@@ -28,21 +52,26 @@ def real_csv(tmp_path):
 def test_real_rows_are_cleaned_to_what_a_reader_sees(real_csv):
     texts, labels = read_csv(real_csv)
     assert labels == [3, 3, 3, 2, 2, 2, 0]
-    assert "A second team of rocketeers competing for the $10 million Ansari X Prize, a contest for privately" in texts[0]
-    assert texts[1].endswith("millions of consumers. -The Washington Post")  # the <FONT><B> markup is gone
+    assert ("A second team of rocketeers competing for the $10 million Ansari X Prize, a contest "
+            "for privately" in texts[0])
+    # the <FONT><B> markup is gone
+    assert texts[1].endswith("millions of consumers. -The Washington Post")
     assert texts[2].startswith('China cracks down on "phone sex" services BEIJING')
     assert "Mills Grabs $1B Portfolio;" in texts[3] and "just over $1 billion," in texts[3]
     assert texts[4].startswith("UPDATE 1-J&J in talks") and "Johnson & Johnson (JNJ.N" in texts[4]
     assert "the company's operations" in texts[5]
     assert "convention \u2014 California Gov. Arnold Schwarzenegger \u2014 along" in texts[6]
     for text in texts:
-        assert "\\" not in text and "#39;" not in text and "quot;" not in text and "&lt;" not in text
+        assert ("\\" not in text and "#39;" not in text and "quot;" not in text
+                and "&lt;" not in text)
         assert "  " not in text and text == text.strip()
 
 
 def test_clean_text_keeps_reuters_tickers_and_plain_text():
-    assert clean_text("Texas Instruments Inc. &lt;TXN.N&gt; said") == "Texas Instruments Inc. <TXN.N> said"
-    assert clean_text("training camp; then more") == "training camp; then more"  # 'amp;' inside a word stays
+    assert (clean_text("Texas Instruments Inc. &lt;TXN.N&gt; said")
+            == "Texas Instruments Inc. <TXN.N> said")
+    # 'amp;' inside a word stays
+    assert clean_text("training camp; then more") == "training camp; then more"
     assert clean_text("  plain   text ") == "plain text"
 
 
@@ -54,7 +83,8 @@ def test_headered_variant_reads_the_same(real_csv, tmp_path):
 
 def test_bom_crlf_and_quoted_newlines_are_handled(tmp_path):
     path = tmp_path / "train.csv"
-    path.write_bytes('\ufeff"1","Title one","line one\nline two"\r\n"2","Title two","desc"\r\n'.encode("utf-8"))
+    path.write_bytes('\ufeff"1","Title one","line one\nline two"\r\n"2","Title two","desc"\r\n'
+                     .encode("utf-8"))
     assert read_csv(path) == (["Title one line one line two", "Title two desc"], [0, 1])
 
 
@@ -70,7 +100,8 @@ def _write(tmp_path, content, name="train.csv"):
     ('"1","a","b"\n"x","c","d"\n', r"train.csv:2: class index must be 1-4, got 'x'"),
     ('"1","a","b"\n"2","c"\n', r"train.csv:2: expected 3 fields .* got 2"),
     ('"1","a","b","extra"\n', r"train.csv:1: expected 3 fields .* got 4"),
-    ('"1","a","b"\nClass Index,Title,Description\n', r"train.csv:2: class index must be 1-4, got 'Class Index'"),
+    ('"1","a","b"\nClass Index,Title,Description\n',
+     r"train.csv:2: class index must be 1-4, got 'Class Index'"),
     ("", r"train.csv: no data rows"),
     ("Class Index,Title,Description\n", r"train.csv: no data rows"),
     ('"1","a","b"\n"2","caf\xe9","d"\n'.encode("latin-1"), r"train.csv:2: not UTF-8"),
@@ -87,7 +118,8 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_rows_with_empty_title_and_description_are_dropped_and_counted(tmp_path, capsys):
-    texts, labels = read_csv(_write(tmp_path, '"1","a","b"\n"2","",""\n"3"," ","  "\n"4","","only desc"\n'))
+    texts, labels = read_csv(_write(tmp_path,
+                                    '"1","a","b"\n"2","",""\n"3"," ","  "\n"4","","only desc"\n'))
     assert texts == ["a b", "only desc"] and labels == [0, 3]
     assert "dropped 2 rows" in capsys.readouterr().out
 
@@ -116,7 +148,8 @@ def test_download_checks_md5_and_writes_atomically(tmp_path, monkeypatch):
     monkeypatch.setitem(data.MD5, "train.csv", "0" * 32)
     with pytest.raises(UserError, match="wrong md5"):
         data.ensure_data(tmp_path, splits=("train.csv",))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv"]  # no half or bad file left behind
+    # no half or bad file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv"]
 
 
 def test_offline_download_says_what_to_do(tmp_path, monkeypatch):
@@ -143,7 +176,8 @@ def test_tokenize_truncates_and_does_not_pad(tiny_model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tokenize(tokenizer, ["the team", " ".join(["goal"] * 50)], max_length=16, chunk=1)
-    assert len(ids[0]) == 4 and ids[0][0] == tokenizer.cls_token_id and ids[0][-1] == tokenizer.sep_token_id
+    assert (len(ids[0]) == 4 and ids[0][0] == tokenizer.cls_token_id
+            and ids[0][-1] == tokenizer.sep_token_id)
     assert len(ids[1]) == 16 and ids[1][-1] == tokenizer.sep_token_id
 
 
@@ -160,8 +194,10 @@ def test_batch_order_covers_every_row_once_and_is_reproducible():
     for group in (True, False):
         batches = batch_order(lengths, 32, shuffle=True, seed=1, epoch=0, group_by_length=group)
         assert sorted(i for b in batches for i in b) == list(range(1000))
-        assert batches == batch_order(lengths, 32, shuffle=True, seed=1, epoch=0, group_by_length=group)
-        assert batches != batch_order(lengths, 32, shuffle=True, seed=1, epoch=1, group_by_length=group)
+        assert batches == batch_order(lengths, 32, shuffle=True, seed=1, epoch=0,
+                                      group_by_length=group)
+        assert batches != batch_order(lengths, 32, shuffle=True, seed=1, epoch=1,
+                                      group_by_length=group)
 
 
 def test_length_grouping_cuts_padding():
@@ -172,7 +208,8 @@ def test_length_grouping_cuts_padding():
     random_ = padded(batch_order(lengths, 32, shuffle=True, seed=0, group_by_length=False))
     assert grouped < 0.7 * random_
     eval_batches = batch_order(lengths, 32, shuffle=False)
-    assert [lengths[b[0]] for b in eval_batches] == sorted((lengths[b[0]] for b in eval_batches), reverse=True)
+    assert [lengths[b[0]] for b in eval_batches] == sorted((lengths[b[0]] for b in eval_batches),
+                                                           reverse=True)
 
 
 def test_a_huge_row_is_read_whole_and_truncated_later(tmp_path):
@@ -186,7 +223,8 @@ def test_unterminated_quote_is_a_clear_error(tmp_path):
         read_csv(_write(tmp_path, '"1","title","description\n"2","b","c"\n'))
 
 
-def test_token_cache_is_hit_on_the_same_input_and_missed_on_a_change(tiny_model_dir, tmp_path, monkeypatch):
+def test_token_cache_is_hit_on_the_same_input_and_missed_on_a_change(tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -197,7 +235,8 @@ def test_token_cache_is_hit_on_the_same_input_and_missed_on_a_change(tiny_model_
     calls = []
     real_tokenize = data.tokenize
     monkeypatch.setattr(data, "tokenize", lambda *a: calls.append(a) or real_tokenize(*a))
-    assert data.tokenize_cached(AutoTokenizer.from_pretrained(tiny_model_dir), texts, 16, tmp_path) == first
+    assert data.tokenize_cached(AutoTokenizer.from_pretrained(tiny_model_dir), texts, 16,
+                                tmp_path) == first
     assert calls == []  # served from the cache, by a fresh tokenizer too
     data.tokenize_cached(tokenizer, texts, 3, tmp_path)
     data.tokenize_cached(tokenizer, texts + ["war"], 16, tmp_path)

@@ -7,9 +7,15 @@ from sklearn.metrics import f1_score
 
 import model as model_lib
 import train
-from data import UserError
-from model import (TopicClassifier, autocast, classification_metrics, load_model, load_pretrained, pick_amp_dtype,
-                   read_checkpoint, save_checkpoint)
+from common import UserError, autocast, pick_amp_dtype
+from model import (
+    TopicClassifier,
+    classification_metrics,
+    load_model,
+    load_pretrained,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 
 @pytest.fixture
@@ -44,13 +50,18 @@ def test_embedding_is_the_hf_encoders_first_token_state(tiny, tiny_model_dir):
 def test_checkpoint_round_trip_with_weights_only(tiny, tmp_path):
     model, tokenizer = tiny
     args = train.build_parser().parse_args(["--model", "tiny", "--max-length", "64"])
-    state = train.checkpoint(model, model_lib.tokenizer_files(tokenizer), ["W", "S", "B", "T"], args, 1, 10, 0.5)
+    run_info = {"tokenizer_files": model_lib.tokenizer_files(tokenizer),
+                "class_names": ["W", "S", "B", "T"], "max_length": args.max_length,
+                "config": vars(args)}
+    state = model_lib.make_checkpoint(model, run_info, 1, 10, 0.5)
     save_checkpoint(state, tmp_path / "best.pt")
     state = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert state["class_names"] == ["W", "S", "B", "T"] and state["max_length"] == 64 and state["step"] == 10
+    assert (state["class_names"] == ["W", "S", "B", "T"] and state["max_length"] == 64
+            and state["step"] == 10)
     loaded, loaded_tokenizer, _ = load_model(tmp_path / "best.pt")
     input_ids, mask = _batch(tokenizer, ["nasa chip", "the election of a minister"])
-    assert torch.equal(_batch(loaded_tokenizer, ["nasa chip", "the election of a minister"])[0], input_ids)
+    assert torch.equal(_batch(loaded_tokenizer, ["nasa chip", "the election of a minister"])[0],
+                       input_ids)
     assert torch.allclose(loaded(input_ids, mask), model.eval()(input_ids, mask), atol=1e-6)
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left
 
@@ -82,7 +93,8 @@ def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tiny, tmp_pa
         read_checkpoint(tmp_path / "plain.pt")
     with pytest.raises(UserError, match="nothing.pt: file not found"):
         read_checkpoint(tmp_path / "nothing.pt")
-    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"format": 1}, protocol=2))  # a plain pickle, not torch's zip format
+    # a plain pickle, not torch's zip format
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"format": 1}, protocol=2))
     with pytest.raises(UserError, match="pickle.pt: not a readable checkpoint"):
         read_checkpoint(tmp_path / "pickle.pt")
 
@@ -95,7 +107,8 @@ def test_unknown_model_gives_actionable_message(tmp_path, monkeypatch):
 
 def test_tiny_model_overfits_a_tiny_batch(tiny):
     model, tokenizer = tiny
-    input_ids, mask = _batch(tokenizer, ["the team wins the cup", "stocks fall on oil", "nasa chip", "war treaty"])
+    input_ids, mask = _batch(tokenizer, ["the team wins the cup", "stocks fall on oil", "nasa chip",
+                                         "war treaty"])
     targets = torch.tensor([1, 2, 3, 0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -121,7 +134,8 @@ def test_amp_picks_bf16_on_cpu_and_trains(tiny):
         logits = model(input_ids, mask)
     assert logits.dtype == torch.bfloat16
     F.cross_entropy(logits.float(), torch.tensor([1, 2])).backward()
-    assert model.head.weight.grad.dtype == torch.float32 and torch.isfinite(model.head.weight.grad).all()
+    assert (model.head.weight.grad.dtype == torch.float32
+            and torch.isfinite(model.head.weight.grad).all())
     assert next(model.parameters()).dtype == torch.float32  # fp32 master weights
 
 
@@ -139,6 +153,7 @@ def test_predict_returns_rows_in_their_original_order(tiny):
     model, tokenizer = tiny
     texts = ["nasa", "the team wins the cup again", "stocks fall on oil", "war"]
     ids = tokenizer(texts)["input_ids"]
-    logits = model_lib.predict(model, ids, tokenizer.pad_token_id, torch.device("cpu"), batch_size=3)
-    one_by_one = torch.cat([model_lib.predict(model, [row], tokenizer.pad_token_id, torch.device("cpu")) for row in ids])
+    logits = model_lib.infer(model, ids, tokenizer.pad_token_id, torch.device("cpu"), batch_size=3)
+    one_by_one = torch.cat([model_lib.infer(model, [row], tokenizer.pad_token_id,
+                                            torch.device("cpu")) for row in ids])
     assert torch.allclose(logits, one_by_one, atol=1e-5)

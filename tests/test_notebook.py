@@ -1,10 +1,15 @@
 """The README's Colab cells and notebooks/colab.ipynb, executed end to end by a real Jupyter kernel
-(nbclient + ipykernel), on the tiny random BERT and tiny CSVs. Any cell that errors fails the test."""
+(nbclient + ipykernel), on the tiny random BERT and tiny CSVs. Any cell that errors fails the
+test."""
+import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def readme_cells():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    return dict(re.findall(r"<!-- colab-cell: (.*?) -->\n```python\n(.*?)```", text, re.S))
+    return dict(re.findall(r"<!-- colab-cell: (.*?) -->\n```python\n(.*?)```", text, re.DOTALL))
 
 
 def execute(sources, cwd):
@@ -21,7 +26,8 @@ def execute(sources, cwd):
 
 
 def run(nb, cwd):
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(cwd)}}).execute()
     return nb
 
 
@@ -37,32 +43,57 @@ def outputs(nb, mime="text"):
 
 
 def tiny_flags(tiny_model_dir, tiny_data_dir):
-    return ["--model", str(tiny_model_dir), "--data-dir", str(tiny_data_dir), "--cache-dir", str(tiny_data_dir / ".c"),
+    return ["--model", str(tiny_model_dir), "--data-dir", str(tiny_data_dir),
+            "--cache-dir", str(tiny_data_dir / ".c"),
             "--device", "cpu", "--batch-size", "16", "--lr", "3e-3", "--val-size", "0.2"]
 
 
-def test_readme_colab_cells_run_in_a_real_kernel(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+def test_readme_colab_cells_run_in_a_real_kernel(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                 monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cells = readme_cells()
-    assert list(cells) == ["setup (needs the network; the test runs in a checkout instead)", "paste train.py", "train",
-                           "evaluate, visualize, predict"]
-    # A folder holding the scripts, as the setup cell's clone leaves it; train.py's text is also pasted into a cell.
-    for name in ("data.py", "model.py", "train.py", "evaluate.py", "visualize.py", "predict.py"):
-        (tmp_path / name).symlink_to(ROOT / name)
+    assert list(cells) == ["setup (needs the network; the test runs in a checkout instead)",
+                           "paste train.py", "train", "evaluate, visualize, predict"]
+    # A folder holding the scripts, as the setup cell's clone leaves it; train.py's text is also
+    # pasted into a cell.
+    for script in ROOT.glob("*.py"):
+        (tmp_path / script.name).symlink_to(script)
     override = tiny_flags(tiny_model_dir, tiny_data_dir)
     nb = execute([
-        (ROOT / "train.py").read_text(encoding="utf-8"),  # the pasted script: defines main(), runs nothing
-        "import sys\nassert '-f' in sys.argv  # Jupyter's own argv, which main() must not parse\n"
-        "assert parse_args(build_parser()).epochs == 3",
-        # The README cell's flags stand, and these (later flags win in argparse) swap in the tiny model and data.
+        # the pasted script: defines main(), runs nothing
+        (ROOT / "train.py").read_text(encoding="utf-8"),
+        ("import sys\nassert '-f' in sys.argv  # Jupyter's own argv, which main() must not parse\n"
+         "assert parse_args(build_parser()).epochs == 3"),
+        # The README cell's flags stand, and these (later flags win in argparse) swap in the tiny
+        # model and data.
         f"_readme_main = main\nmain = lambda argv=None: _readme_main(list(argv) + {override!r})",
         cells["train"],
         "assert result['val_accuracy'] > 0.5, result",
         cells["evaluate, visualize, predict"],
+        # `import evaluate` above must not have rebound a name the pasted main() uses: train again.
+        ("second = main(['--output-dir', 'runs/second'])\n"
+         "assert second['val_accuracy'] > 0.5, second"),
     ], tmp_path)
-    assert (tmp_path / "runs/agnews/best.pt").is_file() and (tmp_path / "runs/agnews/embeddings_test.png").is_file()
+    assert ((tmp_path / "runs/agnews/best.pt").is_file()
+            and (tmp_path / "runs/agnews/embeddings_test.png").is_file())
+    assert (tmp_path / "runs/second/best.pt").is_file()
     assert len(outputs(nb, "image/png")) == 2
+    assert outputs(nb).count("best.pt: val accuracy") == 2
+
+
+def test_percent_run_trains_like_the_shell(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for script in ROOT.glob("*.py"):
+        (tmp_path / script.name).symlink_to(script)
+    flags = [*tiny_flags(tiny_model_dir, tiny_data_dir), "--epochs", "1"]
+    nb = execute([f"%run train.py {' '.join(flags)} --output-dir by_run"], tmp_path)
+    subprocess.run([sys.executable, "train.py", *flags, "--output-dir", "by_shell"], cwd=tmp_path,
+                   check=True, capture_output=True)
     assert "best.pt: val accuracy" in outputs(nb)
+    by_run, by_shell = (torch.load(tmp_path / d / "last.pt", weights_only=True)
+                        for d in ("by_run", "by_shell"))
+    assert by_run["config"]["epochs"] == 1 and by_run["step"] == by_shell["step"] > 0
+    assert all(torch.equal(by_run["model"][k], by_shell["model"][k]) for k in by_shell["model"])
 
 
 @pytest.fixture
@@ -84,7 +115,8 @@ def test_colab_notebook_runs_end_to_end_and_resumes_on_run_all(notebook_env):
     assert "best.pt: val accuracy" in text and "Sci/Tech" in text
     assert {"best.pt", "last.pt", "confusion_test.png"} <= {p.name for p in notebook_env.iterdir()}
 
-    # A disconnect, then Run all again: the training cell finds last.pt and resumes instead of starting over.
+    # A disconnect, then Run all again: the training cell finds last.pt and resumes instead of
+    # starting over.
     again = run(nbformat.read(ROOT / "notebooks/colab.ipynb", as_version=4), ROOT)
     assert "resumed from" in outputs(again)
 
@@ -92,4 +124,17 @@ def test_colab_notebook_runs_end_to_end_and_resumes_on_run_all(notebook_env):
 def test_notebook_is_committed_without_outputs():
     nb = nbformat.read(ROOT / "notebooks/colab.ipynb", as_version=4)
     nbformat.validate(nb)
-    assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    assert all(not c.get("outputs") and not c.get("execution_count")
+               for c in nb.cells if c.cell_type == "code")
+
+
+def test_no_script_imports_a_name_that_a_notebook_import_would_rebind():
+    # Pasted into a cell, a script's imports become the notebook's globals; the next cell's
+    # `import evaluate, visualize, predict` rebinds those names. Nothing may import them, or one of
+    # the other modules' names, as a function or class (a module may import the module itself).
+    modules = {path.stem for path in ROOT.glob("*.py")}
+    for path in ROOT.glob("*.py"):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ImportFrom):
+                clashes = {alias.asname or alias.name for alias in node.names} & modules
+                assert not clashes, f"{path.name}: from {node.module} import {clashes}"

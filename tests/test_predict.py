@@ -7,18 +7,21 @@ import torch
 from conftest import TOPIC_WORDS, train_tiny
 
 import predict
-from data import UserError
-from model import load_model
+from common import UserError
+from model import load_classifier, load_model
 
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 # Lengths differ on purpose: a batch pads the short ones, and padding must not change any result.
-TEXTS = ["stocks profit market bank shares oil", "the team wins the cup after a late goal in the match",
-         "nasa software", "the president and the minister sign a treaty to end the war with a new government"]
+TEXTS = ["stocks profit market bank shares oil",
+         "the team wins the cup after a late goal in the match",
+         "nasa software",
+         "the president and the minister sign a treaty to end the war with a new government"]
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tiny_model_dir, tmp_path_factory):
-    """best.pt of a tiny BERT trained for 3 epochs on the tiny CSVs (it learns their topic words)."""
+    """best.pt of a tiny BERT trained for 3 epochs on the tiny CSVs (it learns their topic
+    words)."""
     return train_tiny(tiny_model_dir, tmp_path_factory, epochs=3)[0] / "best.pt"
 
 
@@ -31,8 +34,9 @@ def hf_probabilities(ckpt, text):
 
 
 def test_probabilities_sum_to_one_and_batch_agrees_with_one_at_a_time(tiny_ckpt):
-    classify, info = predict.load_classifier(tiny_ckpt, "cpu")
-    batch = classify(TEXTS, batch_size=3)  # two batches, longest first: rows come back in input order
+    classify, info = load_classifier(tiny_ckpt, "cpu")
+    # two batches, longest first: rows come back in input order
+    batch = classify(TEXTS, batch_size=3)
     assert batch.shape == (4, 4) and info["class_names"] == CLASS_NAMES
     torch.testing.assert_close(batch.sum(-1), torch.ones(4))
     for i, text in enumerate(TEXTS):
@@ -41,20 +45,21 @@ def test_probabilities_sum_to_one_and_batch_agrees_with_one_at_a_time(tiny_ckpt)
 
 
 def test_the_tiny_model_finds_each_topic(tiny_ckpt):
-    classify, _ = predict.load_classifier(tiny_ckpt, "cpu")
+    classify, _ = load_classifier(tiny_ckpt, "cpu")
     probs = classify([" ".join(words) for words in TOPIC_WORDS])
     assert probs.argmax(-1).tolist() == [0, 1, 2, 3]
 
 
 def test_text_is_cleaned_as_in_training(tiny_ckpt):
-    classify, _ = predict.load_classifier(tiny_ckpt, "cpu")
-    raw, clean = classify(["<b>Stocks</b> profit \\ market #39;s bank"]), classify(["Stocks profit market's bank"])
+    classify, _ = load_classifier(tiny_ckpt, "cpu")
+    raw, clean = (classify(["<b>Stocks</b> profit \\ market #39;s bank"]),
+                  classify(["Stocks profit market's bank"]))
     torch.testing.assert_close(raw, clean)
 
 
 def test_amp_bf16_on_cpu_is_close_to_fp32(tiny_ckpt):
-    fp32, _ = predict.load_classifier(tiny_ckpt, "cpu")
-    bf16, _ = predict.load_classifier(tiny_ckpt, "cpu", amp=True)
+    fp32, _ = load_classifier(tiny_ckpt, "cpu")
+    bf16, _ = load_classifier(tiny_ckpt, "cpu", amp=True)
     a, b = fp32(TEXTS), bf16(TEXTS)
     torch.testing.assert_close(b.sum(-1), torch.ones(4))
     assert (a - b).abs().max() < 0.05 and (a.argmax(-1) == b.argmax(-1)).all()
@@ -62,18 +67,21 @@ def test_amp_bf16_on_cpu_is_close_to_fp32(tiny_ckpt):
 
 def test_cli_table_json_and_csv_agree(tiny_ckpt, tmp_path, capsys):
     file = tmp_path / "texts.txt"
-    file.write_text(f"{TEXTS[2]}\n\n  {TEXTS[3]}  \n", encoding="utf-8")  # a blank line and stray spaces
+    # a blank line and stray spaces
+    file.write_text(f"{TEXTS[2]}\n\n  {TEXTS[3]}  \n", encoding="utf-8")
     argv = ["--ckpt", tiny_ckpt, "--device", "cpu", "--file", file, *TEXTS[:2]]
     rows = predict.main(argv + ["--format", "json"])
     assert json.loads(capsys.readouterr().out) == rows and [r["text"] for r in rows] == TEXTS
     for r in rows:
-        assert list(r["probabilities"]) == CLASS_NAMES and abs(sum(r["probabilities"].values()) - 1) < 1e-4
+        assert (list(r["probabilities"]) == CLASS_NAMES
+                and abs(sum(r["probabilities"].values()) - 1) < 1e-4)
         assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
 
     predict.main(argv + ["--format", "csv"])
     table = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert table[0] == ["text", "label", *CLASS_NAMES]
-    assert [[r["text"], r["label"], *map(str, r["probabilities"].values())] for r in rows] == table[1:]
+    assert [[r["text"], r["label"], *map(str, r["probabilities"].values())]
+            for r in rows] == table[1:]
 
     predict.main(argv)
     lines = capsys.readouterr().out.splitlines()

@@ -1,4 +1,5 @@
-"""Kill -9 at any point and resume to the same result; bad numbers stop the run without harming checkpoints."""
+"""Kill -9 at any point and resume to the same result; bad numbers stop the run without harming
+checkpoints."""
 import json
 import subprocess
 import sys
@@ -6,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_args
 
 import train
-from conftest import tiny_args
-from data import UserError
+from common import UserError
 
 KILLER = Path(__file__).with_name("killer.py")
 FLAGS = ("--epochs", 2, "--save-every", 2)
@@ -24,21 +25,25 @@ def straight_run(tiny_model_dir, tiny_data_dir, tmp_path):
 
 def _evals(out):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["type"] == "eval"], [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
+    return ([r for r in records if r["type"] == "eval"],
+            [(r["step"], r["loss"]) for r in records if r["type"] == "train"])
 
 
-# 16 steps in all (8 an epoch), last.pt every 2 steps and at each epoch end; files written: last.pt at steps
-# 2, 4, 6, 8, then best.pt and last.pt at the end of epoch 1, ...
-@pytest.mark.parametrize("point, n", [("step", 5), ("eval", 1), ("write", 5), ("write", 6), ("step", 13)])
-def test_sigkill_then_resume_gives_the_same_weights_and_metrics(point, n, straight_run, tiny_model_dir,
-                                                               tiny_data_dir, tmp_path):
+# 16 steps in all (8 an epoch), last.pt every 2 steps and at each epoch end; files written: last.pt
+# at steps 2, 4, 6, 8, then best.pt and last.pt at the end of epoch 1, ...
+@pytest.mark.parametrize("point, n", [("step", 5), ("eval", 1), ("write", 5), ("write", 6),
+                                      ("step", 13)])
+def test_sigkill_then_resume_gives_the_same_weights_and_metrics(point, n, straight_run,
+                                                               tiny_model_dir, tiny_data_dir,
+                                                               tmp_path):
     out, result = straight_run
     killed = tmp_path / "killed"
     flags = tiny_args(tiny_model_dir, tiny_data_dir, killed, *FLAGS)
-    proc = subprocess.run([sys.executable, str(KILLER), point, str(n), "--", *flags], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, str(KILLER), point, str(n), "--", *flags],
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert torch.load(killed / "last.pt", weights_only=True)["format"] == 1  # the previous last.pt is intact
+    # the previous last.pt is intact
+    assert torch.load(killed / "last.pt", weights_only=True)["format"] == 1
 
     assert train.main(flags + ["--resume"]) == result
     a = torch.load(out / "last.pt", weights_only=True)["model"]
@@ -57,8 +62,8 @@ def test_resume_on_changed_data_is_refused(tiny_model_dir, tiny_data_dir, tmp_pa
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path,
-                                                                    monkeypatch):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_data_dir,
+                                                                    tmp_path, monkeypatch):
     real_cross_entropy, calls = train.F.cross_entropy, []
 
     def poisoned(logits, targets):
@@ -66,9 +71,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_di
         loss = real_cross_entropy(logits, targets)
         return loss * float("nan") if len(calls) == 5 else loss
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
-    with pytest.raises(UserError, match="loss or gradients became nan by step 6; stopping. The last good checkpoints"):
-        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--save-every", 2,
-                             "--log-every", 100))
+    with pytest.raises(UserError, match="loss or gradients became nan by step 6; stopping. "
+                                        "The last good checkpoints"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1,
+                             "--save-every", 2, "--log-every", 100))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
 
@@ -79,14 +85,16 @@ def test_unwritable_output_dir_is_refused_before_training(tiny_model_dir, tiny_d
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a-file" / "run"))
 
 
-def test_nan_gradients_with_a_finite_loss_stop_the_run_too(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+def test_nan_gradients_with_a_finite_loss_stop_the_run_too(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                           monkeypatch):
     real_clip, calls = torch.nn.utils.clip_grad_norm_, []
 
     def clip_then_poison(parameters, max_norm):
         parameters = list(parameters)
         norm = real_clip(parameters, max_norm)
         calls.append(1)
-        if len(calls) == 3:  # what a NaN gradient does: clipping spreads it into every parameter's update
+        # what a NaN gradient does: clipping spreads it into every parameter's update
+        if len(calls) == 3:
             for p in parameters:
                 if p.grad is not None:  # the encoder's unused pooler has none
                     p.grad.fill_(float("nan"))
@@ -94,7 +102,7 @@ def test_nan_gradients_with_a_finite_loss_stop_the_run_too(tiny_model_dir, tiny_
         return norm
     monkeypatch.setattr(train.torch.nn.utils, "clip_grad_norm_", clip_then_poison)
     with pytest.raises(UserError, match="loss or gradients became nan by step 4"):
-        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--save-every", 2,
-                             "--log-every", 100))
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1,
+                             "--save-every", 2, "--log-every", 100))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())

@@ -4,26 +4,30 @@ import types
 
 import pytest
 import torch
+from conftest import tiny_args
 
 import train
-from conftest import tiny_args
-from data import UserError
+from common import UserError
 
 
-def test_train_end_to_end_writes_checkpoints_metrics_and_learns(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_train_end_to_end_writes_checkpoints_metrics_and_learns(tiny_model_dir, tiny_data_dir,
+                                                                tmp_path):
     out = tmp_path / "run"
     result = train.main(tiny_args(tiny_model_dir, tiny_data_dir, out, "--epochs", 3))
-    assert {"best.pt", "last.pt", "metrics.jsonl", "config.json", "test_metrics.json"} <= {p.name for p in out.iterdir()}
+    assert ({"best.pt", "last.pt", "metrics.jsonl", "config.json", "test_metrics.json"}
+            <= {p.name for p in out.iterdir()})
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["split"] for r in evals] == ["val", "val", "val", "test"]
     assert train_losses[-1] < 0.5 * train_losses[0]
-    assert result["val_accuracy"] == max(r["accuracy"] for r in evals[:3]) and result["val_accuracy"] > 0.9
+    assert (result["val_accuracy"] == max(r["accuracy"] for r in evals[:3])
+            and result["val_accuracy"] > 0.9)
     assert result["test_accuracy"] == evals[-1]["accuracy"]
     assert all(r["samples_per_s"] > 0 and r["lr"] >= 0 for r in records if r["type"] == "train")
     best = torch.load(out / "best.pt", weights_only=True)
-    assert best["class_names"] == ["World", "Sports", "Business", "Sci/Tech"] and best["config"]["epochs"] == 3
+    assert (best["class_names"] == ["World", "Sports", "Business", "Sci/Tech"]
+            and best["config"]["epochs"] == 3)
     assert best["best_metric"] == {"name": "val_accuracy", "value": result["val_accuracy"]}
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -38,12 +42,14 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_ends_with_the_same_weights(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+def test_resume_after_a_crash_ends_with_the_same_weights(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                         monkeypatch):
     flags = ("--epochs", 2, "--save-every", 3, "--grad-accum-steps", 2)
     straight = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
 
     real_save, saves = train.save_checkpoint, []
-    def save_then_crash(state, path):  # dies right after the 2nd mid-epoch last.pt (step 6 of epoch 1)
+    # dies right after the 2nd mid-epoch last.pt (step 6 of epoch 1)
+    def save_then_crash(state, path):
         real_save(state, path)
         saves.append(path.name)
         if saves.count("last.pt") == 2:
@@ -53,7 +59,8 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tiny_model_dir, tiny_da
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags))
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 6
-    resumed = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags, "--resume"))
+    resumed = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
+                                   "--resume"))
 
     assert resumed == straight
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
@@ -63,9 +70,10 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tiny_model_dir, tiny_da
 
 def test_resume_with_other_settings_lists_the_differences(tiny_model_dir, tiny_data_dir, tmp_path):
     train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
-    with pytest.raises(UserError, match=r"(?s)other settings.*--max-length: 128 then, 64 now.*--lr: 0.003 then, 0.001 now"):
-        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume", "--lr", "1e-3",
-                             "--max-length", 64))
+    with pytest.raises(UserError, match=r"(?s)other settings.*--max-length: 128 then, 64 now"
+                                        r".*--lr: 0.003 then, 0.001 now"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume",
+                             "--lr", "1e-3", "--max-length", 64))
 
 
 def test_another_runs_best_checkpoint_is_not_overwritten(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -82,7 +90,8 @@ def test_max_length_beyond_the_model_is_refused(tiny_model_dir, tiny_data_dir, t
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--max-length", 512))
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"), ("--amp-dtype", "fp8")])
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"),
+                                         ("--amp-dtype", "fp8")])
 def test_bad_flags_are_rejected_by_name(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main([flag, value])
@@ -90,14 +99,16 @@ def test_bad_flags_are_rejected_by_name(flag, value, capsys):
 
 
 def test_notebook_argv_is_ignored(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/share/jupyter/kernel-1.json"])
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f",
+                                      "/root/.local/share/jupyter/kernel-1.json"])
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     args = train.parse_args(train.build_parser())
     assert args.epochs == 3 and args.model == "bert-base-uncased"
 
 
 def test_a_class_missing_from_train_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
-    rows = [line for line in (tiny_data_dir / "train.csv").read_text().splitlines() if not line.startswith('"3"')]
+    rows = [line for line in (tiny_data_dir / "train.csv").read_text().splitlines()
+            if not line.startswith('"3"')]
     (tiny_data_dir / "train.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(UserError, match=r"train.csv: no rows of class \['Business'\]"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
@@ -105,13 +116,17 @@ def test_a_class_missing_from_train_is_refused(tiny_model_dir, tiny_data_dir, tm
 
 def test_a_one_row_train_file_is_a_clear_error(tiny_model_dir, tiny_data_dir, tmp_path):
     (tiny_data_dir / "train.csv").write_text('"1","Minister wins election","after the war"\n')
-    with pytest.raises(UserError, match=r"train.csv: no rows of class \['Sports', 'Business', 'Sci/Tech'\]"):
+    with pytest.raises(UserError, match=r"train.csv: no rows of class "
+                                        r"\['Sports', 'Business', 'Sci/Tech'\]"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
 
 
-def test_too_few_rows_for_a_stratified_split_is_a_clear_error(tiny_model_dir, tiny_data_dir, tmp_path):
-    (tiny_data_dir / "train.csv").write_text("".join(f'"{c}","title {c}","text"\n' for c in (1, 2, 3, 4)))
-    with pytest.raises(UserError, match="--val-size 0.2: cannot carve a stratified split from 4 rows"):
+def test_too_few_rows_for_a_stratified_split_is_a_clear_error(tiny_model_dir, tiny_data_dir,
+                                                              tmp_path):
+    (tiny_data_dir / "train.csv").write_text("".join(f'"{c}","title {c}","text"\n'
+                                                     for c in (1, 2, 3, 4)))
+    with pytest.raises(UserError, match="--val-size 0.2: cannot carve a stratified split from "
+                                        "4 rows"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
 
 
@@ -123,22 +138,25 @@ def test_a_run_of_hours_on_a_cpu_is_announced_with_what_to_do(capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_too_little_disk_for_checkpoints_is_refused_before_training(tiny_model_dir, tiny_data_dir, tmp_path,
-                                                                    monkeypatch):
+def test_too_little_disk_for_checkpoints_is_refused_before_training(tiny_model_dir, tiny_data_dir,
+                                                                    tmp_path, monkeypatch):
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
     with pytest.raises(UserError, match=r"--output-dir .*: 0 MiB free, checkpoints need ~\d+ MiB"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
     assert not (tmp_path / "last.pt").exists()
 
 
-def test_resuming_a_finished_run_reports_again_without_duplicate_lines(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_resuming_a_finished_run_reports_again_without_duplicate_lines(tiny_model_dir,
+                                                                       tiny_data_dir, tmp_path):
     first = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume")) == first
+    assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1,
+                                "--resume")) == first
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines
 
 
-def test_an_interrupted_run_without_best_pt_is_not_overwritten_either(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_an_interrupted_run_without_best_pt_is_not_overwritten_either(tiny_model_dir,
+                                                                      tiny_data_dir, tmp_path):
     (tmp_path / "last.pt").write_bytes(b"an interrupted run")
     with pytest.raises(UserError, match="already holds last.pt from another run. Pass --resume"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
@@ -146,11 +164,14 @@ def test_an_interrupted_run_without_best_pt_is_not_overwritten_either(tiny_model
 
 
 def test_resume_under_another_mixed_precision_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
-    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--amp", "--save-every", 3))
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--amp",
+                         "--save-every", 3))
     config = (tmp_path / "config.json").read_text()
-    with pytest.raises(UserError, match=r"--amp: True then, False now.*\n.*mixed precision: torch.bfloat16 then, None"):
+    with pytest.raises(UserError, match=r"--amp: True then, False now.*\n"
+                                        r".*mixed precision: torch.bfloat16 then, None"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
-    assert (tmp_path / "config.json").read_text() == config  # a refused resume leaves the run's record alone
+    # a refused resume leaves the run's record alone
+    assert (tmp_path / "config.json").read_text() == config
 
 
 def test_optimizer_decays_matrices_only_and_covers_every_parameter_once(tiny_model_dir):
@@ -163,7 +184,8 @@ def test_optimizer_decays_matrices_only_and_covers_every_parameter_once(tiny_mod
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
     decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
     for name, p in model.named_parameters():
-        assert (id(p) in decayed) == (p.ndim >= 2), name  # biases and LayerNorm weights are 1-D: no decay
+        # biases and LayerNorm weights are 1-D: no decay
+        assert (id(p) in decayed) == (p.ndim >= 2), name
 
 
 def test_lr_warms_up_to_the_peak_then_decays_every_step(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -173,5 +195,7 @@ def test_lr_warms_up_to_the_peak_then_decays_every_step(tiny_model_dir, tiny_dat
     lrs = [r["lr"] for r in records if r["type"] == "train"]
     assert len(lrs) == 2 * 6  # 256 rows / 16 = 16 batches -> 6 steps of up to 3 batches, per epoch
     peak = lrs.index(max(lrs))
-    assert max(lrs) == pytest.approx(3e-3) and peak == 3  # warm-up of round(0.25 * 12) = 3 steps, then the peak
-    assert lrs[:peak] == sorted(lrs[:peak]) and lrs[peak:] == sorted(lrs[peak:], reverse=True) and lrs[-1] > 0
+    # warm-up of round(0.25 * 12) = 3 steps, then the peak
+    assert max(lrs) == pytest.approx(3e-3) and peak == 3
+    assert (lrs[:peak] == sorted(lrs[:peak]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
+            and lrs[-1] > 0)

@@ -1,0 +1,158 @@
+"""Plumbing every script shares: user errors, flag types, the device and mixed-precision choice,
+atomic writes and the environment record. Nothing here knows about AG News or the model."""
+import argparse
+import os
+import platform
+import subprocess
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+class UserError(SystemExit):
+    """A mistake the user can fix (bad flag, bad file, offline). Prints its message without a
+    traceback, in a shell and in a notebook cell alike."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+
+
+# ------------------------------------------------------------------------------------------ flags
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv). None means no flags (a notebook cell's `main()`), never the
+    kernel's own sys.argv; the scripts' `__main__` guard passes sys.argv[1:], for `python x.py`
+    and `%run x.py` alike."""
+    return parser.parse_args([str(a) for a in (argv or [])])
+
+
+def positive(kind):
+    """An argparse type: kind(text) > 0, else argparse names the flag (`argument --epochs: must
+    be > 0, got 0`)."""
+    def check(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return check
+
+
+def non_negative(kind):
+    def check(text):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    return check
+
+
+def add_device_flags(parser):
+    """--device, --amp and --amp-dtype, the same in every script; read by pick_device and
+    pick_amp_dtype."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: bf16 where the hardware has it, else fp16 (GPUs)")
+    parser.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
+
+
+# ------------------------------------------------------------------------------------------ devices
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); "
+                        f"use --device cpu")
+    return torch.device(name)
+
+
+def pick_amp_dtype(device, amp, amp_dtype="auto"):
+    """None for fp32; else the autocast dtype. bf16 where the hardware has it natively (CUDA compute
+    capability 8+, CPUs with AVX512-BF16/AMX), fp16 on older GPUs (a T4) with a GradScaler."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+        if amp_dtype == "bf16" and not native_bf16:
+            print("note: this GPU has no native bf16; bf16 autocast will be emulated and slow. "
+                  "Try --amp-dtype fp16.")
+        if amp_dtype == "auto":
+            return torch.bfloat16 if native_bf16 else torch.float16
+        return torch.bfloat16 if amp_dtype == "bf16" else torch.float16
+    if amp_dtype == "fp16":
+        raise UserError(f"--amp-dtype fp16 needs a CUDA GPU; on {device.type} use --amp-dtype "
+                        f"bf16 (or auto)")
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        print("note: this CPU has no native bf16 (AVX512-BF16/AMX); --amp will likely be slower "
+              "than fp32.")
+    return torch.bfloat16
+
+
+def cpu_has_native_bf16():
+    try:  # oneDNN's own check (AVX512-BF16 or AMX); a private API, so fail safe
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device, amp_dtype):
+    """The one mixed-precision context: autocast to amp_dtype, or nothing for fp32."""
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def pad_multiple(device, amp_dtype):
+    """Pad batches to a multiple of 8 tokens under mixed precision on a GPU, where tensor cores
+    want such shapes; on a CPU the extra padding is only extra work."""
+    return 8 if device.type == "cuda" and amp_dtype is not None else 1
+
+
+def to_device(tensors, device):
+    # Pinned memory lets the host-to-GPU copy overlap with compute.
+    if device.type == "cuda":
+        return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+    return [t.to(device) for t in tensors]
+
+
+def environment(device, amp_dtype):
+    """Versions and hardware, printed at start and stored next to the outputs."""
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "device": str(device),
+           "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+           "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    try:  # the code version, when the scripts run from a git checkout
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=False)
+        env["commit"] = git.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
+    return env
+
+
+# ------------------------------------------------------------------------------------------ files
+def reports_dir(output_dir, ckpt_path):
+    """--output-dir, or the checkpoint's folder; created if need be."""
+    out_dir = Path(output_dir) if output_dir else Path(ckpt_path).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then os.replace: a crash, a kill or a
+    full disk mid-write never leaves a half file where the previous good one was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
