@@ -1,10 +1,14 @@
 """Plumbing every script shares: user errors, flag types, the device and mixed-precision choice,
-atomic writes and the environment record. Nothing here knows about AG News or the model."""
+stop signals, atomic writes and the environment record. Nothing here knows about AG News or the
+model."""
 import argparse
 import os
 import platform
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -17,6 +21,38 @@ class UserError(SystemExit):
 
     def __init__(self, message):
         super().__init__(f"error: {message}")
+
+
+def in_notebook():
+    """True in a Jupyter/Colab kernel (a cell, or `%run script.py`)."""
+    return "ipykernel" in sys.modules
+
+
+class StopSignals:
+    """Within `with StopSignals() as stop:`, SIGINT (Ctrl-C, a notebook's stop button) and SIGTERM
+    (schedulers, preemptible machines) set stop.signum instead of killing the process: train.py
+    finishes the step in flight, saves and exits. A second one changes nothing (the save goes on);
+    a third raises KeyboardInterrupt at once (checkpoints are written atomically, so the previous
+    last.pt stays intact). The previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.signum, self.count, self.previous = None, 0, {}
+        if threading.current_thread() is threading.main_thread():  # where Python runs handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.request)
+        return self
+
+    def request(self, signum, frame):
+        self.signum, self.count = signum, self.count + 1
+        if self.count >= 3:
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: " + ("stopping after the step in flight; press "
+              "Ctrl-C twice more to stop at once" if self.count == 1 else "still stopping..."),
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 # ------------------------------------------------------------------------------------------ flags
@@ -142,6 +178,14 @@ def reports_dir(output_dir, ckpt_path):
     return out_dir
 
 
+def respect_umask(path):
+    """mkstemp makes files only their owner can read; give a finished file the mode open() would
+    (0666 less the umask), so others on a shared server can read it if the umask says so."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same folder, then os.replace: a crash, a kill or a
     full disk mid-write never leaves a half file where the previous good one was."""
@@ -152,6 +196,7 @@ def atomic_save(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        respect_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_save
+from common import UserError, atomic_save, respect_umask
 
 DEFAULT_CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 # torchtext's AG_NEWS source; md5 of the exact files (see README, "Data").
@@ -146,6 +146,7 @@ def download(name, data_dir):
         if file_md5(tmp) != MD5[name]:
             raise UserError(f"{url}: downloaded file has the wrong md5 (expected {MD5[name]}); "
                             f"try again")
+        respect_umask(tmp)
         os.replace(tmp, dest)
     except OSError as err:  # URLError, timeouts and DNS failures are all OSErrors
         raise UserError(

@@ -4,13 +4,16 @@
     %run train.py --epochs 3 --amp      # the same in a notebook
     main(["--epochs", "3", "--amp"])    # the same from a cell, once this file is pasted or imported
 
-main() reads top to bottom: flags, setup, data, model and optimizer, resume, the loop, the test.
+run() reads top to bottom: setup, data, model and optimizer, resume, the loop, the final test.
+Ctrl-C, a notebook's stop button and SIGTERM stop it after the step in flight, with last.pt saved.
 """
 import argparse
 import json
 import math
 import os
+import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -22,10 +25,12 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common import (
+    StopSignals,
     UserError,
     add_device_flags,
     autocast,
     environment,
+    in_notebook,
     non_negative,
     pad_multiple,
     parse_args,
@@ -47,10 +52,11 @@ from model import (
     tokenizer_files,
 )
 
-# Flags that must be the same to --resume a run: they fix the data, the batches or the LR schedule.
-RESUME_KEYS = ("model", "data_dir", "max_length", "batch_size", "grad_accum_steps", "epochs",
-               "lr", "weight_decay", "warmup_ratio", "seed", "max_train_samples", "val_size",
-               "dropout", "group_by_length", "amp", "amp_dtype")
+# The flags --resume lets differ from the run's: where it runs, writes and logs, none of which
+# changes the weights. Every other flag must be the same. --amp-dtype is among them because "auto"
+# resolves by GPU (fp16 on a T4, bf16 on an A100): the resolved dtype is what resume() compares.
+RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "log_every", "save_every",
+                     "eval_batch_size", "cache_dir", "device", "amp_dtype")
 
 
 def build_parser():
@@ -146,13 +152,17 @@ def rewind_metrics(path, step, evaluated):
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
+def changed_flags(saved, args):
+    """The flags of args that differ from a saved run's config, as lines for an error message."""
+    return [f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {v!r} now"
+            for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+
+
 def resume(path, args, run_info, model, optimizer, scheduler, scaler):
     """Load last.pt into the model and optimizer -> (epoch, batches done in it, step, best val
     accuracy)."""
     state = read_checkpoint(path)
-    saved = state["config"]
-    diffs = [f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {getattr(args, k)!r} now"
-             for k in RESUME_KEYS if saved.get(k) != getattr(args, k)]
+    diffs = changed_flags(state["config"], args)
     if state.get("train_md5") != run_info["train_md5"]:
         diffs.append(f"train.csv: md5 {state.get('train_md5')} then, {run_info['train_md5']} now "
                      f"(the data changed)")
@@ -163,7 +173,10 @@ def resume(path, args, run_info, model, optimizer, scheduler, scaler):
         raise UserError(f"--resume: {path} is from a run with other settings:\n  "
                         + "\n  ".join(diffs))
     model.load_state_dict(state["model"])
+    fused = [group.get("fused") for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, this_machine in zip(optimizer.param_groups, fused):  # a GPU run resumed on a CPU
+        group["fused"] = this_machine  # without fused AdamW must not inherit fused=True
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -259,9 +272,31 @@ class TrainingLog:
         self.bar.close()
 
 
+def stopped(signum, step, out_dir, argv, log):
+    """The run was asked to stop: say where, and how to resume. From a shell, exit with 128 + the
+    signal's number (130 for Ctrl-C, 143 for SIGTERM); in a notebook, hand the kernel back."""
+    log.close()
+    name = signal.Signals(signum).name
+    flags = [str(a) for a in argv or []]
+    flags += [] if "--resume" in flags else ["--resume"]
+    again = f"main({flags!r})" if in_notebook() else f"python train.py {shlex.join(flags)}"
+    if (out_dir / "last.pt").is_file():
+        print(f"{name}: stopped at step {step}; {out_dir / 'last.pt'} holds it. Resume: {again}")
+    else:
+        print(f"{name}: stopped before the first step; nothing saved, nothing to resume")
+    if not in_notebook():
+        raise SystemExit(128 + signum)
+    return {"stopped_by": name, "step": step}
+
+
 def main(argv=None):
-    # ---- flags and setup
     args = parse_args(build_parser(), argv)
+    with StopSignals() as stop:  # Ctrl-C, a notebook's stop button, SIGTERM: save, then stop
+        return run(args, stop, argv)
+
+
+def run(args, stop, argv):
+    # ---- setup
     out_dir = Path(args.output_dir)
     prepare_output_dir(out_dir, args)
     torch.manual_seed(args.seed)
@@ -313,6 +348,8 @@ def main(argv=None):
                       fp16=scaler.is_enabled())
     model.train()
     for epoch in range(start_epoch, args.epochs):
+        if stop.signum:  # asked during the set-up or the last evaluation: nothing in flight
+            return stopped(stop.signum, step, out_dir, argv, log)
         batches = batch_order(train_lengths, args.batch_size, True, args.seed, epoch,
                               args.group_by_length)
         for first in range(batches_done, len(batches), args.grad_accum_steps):
@@ -336,11 +373,13 @@ def main(argv=None):
             step += 1
             batches_done = first + len(micro_batches)
             log.step(step, epoch, lr, grad_norm, end_of_epoch=batches_done == len(batches))
-            if args.save_every and step % args.save_every == 0:
+            if args.save_every and step % args.save_every == 0 or stop.signum:
                 log.check_finite(step)  # never a NaN into last.pt
                 state = training_state(optimizer, scheduler, scaler, batches_done, device)
                 save_checkpoint(make_checkpoint(model, run_info, epoch, step, best_acc, **state),
                                 out_dir / "last.pt")
+            if stop.signum:  # Ctrl-C, a stop button or SIGTERM: last.pt now holds this very step
+                return stopped(stop.signum, step, out_dir, argv, log)
         batches_done = 0
 
         metrics, _ = evaluate_model(model, val_ids, val_labels, pad_id, device, amp_dtype,

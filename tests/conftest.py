@@ -6,6 +6,7 @@ import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,14 @@ def train_tiny(model_dir, tmp_path_factory, epochs):
                          tmp_path_factory.mktemp("run"))
     train.main(tiny_args(model_dir, data_dir, run_dir, "--epochs", epochs))
     return run_dir, data_dir
+
+
+def colour_pixels(png, colour, alpha=1.0, rows=slice(None), tolerance=0.06):
+    """How many pixels of a PNG (in the given rows) show `colour` (a matplotlib colour such as
+    "C0"), drawn at `alpha` on white: a picture with nothing drawn has none."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.image import imread
+
+    rgb = imread(png)[rows, :, :3]
+    expected = alpha * np.array(to_rgb(colour)) + (1 - alpha)
+    return int((np.abs(rgb - expected).max(-1) < tolerance).sum())

@@ -1,9 +1,11 @@
-"""Run train.main() in this process and SIGKILL it (no clean-up of any kind) at a chosen point:
+"""Run train.main() in this process and send it a real signal at chosen points:
 
-    python tests/killer.py {step,eval,write} N -- <train.py flags>
+    python tests/killer.py SIGNAL POINT:N [POINT:N ...] -- <train.py flags>
 
-step: in the N-th optimizer step, between backward and the update; eval: as the N-th evaluation
-starts; write: halfway through writing the N-th checkpoint file.
+SIGNAL: KILL (no clean-up of any kind), INT (Ctrl-C) or TERM. POINT:N: step:N, in the N-th
+optimizer step, between backward and the update; eval:N, as the N-th evaluation starts;
+write:N, halfway through writing the N-th checkpoint file (with KILL the file stays half written;
+with another signal the write then goes on). Each POINT counts its own calls.
 """
 import io
 import os
@@ -17,33 +19,39 @@ import torch
 import common
 import train
 
-point, n, flags = sys.argv[1], int(sys.argv[2]), sys.argv[4:]
-calls = 0
+sig = getattr(signal, f"SIG{sys.argv[1]}")
+points = dict(arg.split(":") for arg in sys.argv[2 : sys.argv.index("--")])
+flags = sys.argv[sys.argv.index("--") + 1 :]
+real_save = torch.save
 
 
-def kill_on_nth(real, before_dying=lambda *a: None):
+def signal_on_nth(real, n, during=None):
+    calls = 0
+
     def wrapped(*args, **kwargs):
-        global calls
+        nonlocal calls
         calls += 1
-        if calls == n:
-            before_dying(*args)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if calls == int(n):
+            if during:
+                return during(*args)
+            os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
     return wrapped
 
 
-def write_half(obj, f):
+def write_with_signal_halfway(obj, f):
     buffer = io.BytesIO()
     real_save(obj, buffer)
     f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     f.flush()
+    os.kill(os.getpid(), sig)  # KILL ends here; a handled signal lets the rest be written
+    f.write(buffer.getvalue()[len(buffer.getvalue()) // 2 :])
 
 
-real_save = torch.save
-if point == "step":
-    torch.nn.utils.clip_grad_norm_ = kill_on_nth(torch.nn.utils.clip_grad_norm_)
-elif point == "eval":
-    train.evaluate_model = kill_on_nth(train.evaluate_model)
-elif point == "write":
-    common.torch.save = kill_on_nth(real_save, before_dying=write_half)
+if "step" in points:
+    torch.nn.utils.clip_grad_norm_ = signal_on_nth(torch.nn.utils.clip_grad_norm_, points["step"])
+if "eval" in points:
+    train.evaluate_model = signal_on_nth(train.evaluate_model, points["eval"])
+if "write" in points:
+    common.torch.save = signal_on_nth(real_save, points["write"], write_with_signal_halfway)
 train.main(flags)

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import tiny_args
 from torch import nn
 
+import train
 from cpu_speed import CPU_ATTENTION, CpuDropout, cpu_dropout, keep_freed_memory, use_cpu_dropout
-from model import TopicClassifier, load_pretrained
+from model import TopicClassifier, load_model, load_pretrained
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -30,6 +32,15 @@ def test_cpu_dropout_has_nn_dropouts_statistics(p, dtype):
     # on its own.
     for slice_ in range(4):
         assert abs(dropped[slice_::4].float().mean().item() - p) < 0.005
+    # Independent masks: any two of one draw's slices, and neighbours across draws, are dropped
+    # together with probability p * p, and all four of a draw with p ** 4 (0.0001 for p = 0.1;
+    # a draw reused for four elements would drop them together with probability p).
+    draws = dropped[: len(dropped) // 4 * 4].view(-1, 4)
+    pairs = [draws[:, 0] & draws[:, 1], draws[:, 1] & draws[:, 2], draws[:, 2] & draws[:, 3],
+             draws[:, 0] & draws[:, 3], draws[:-1, 3] & draws[1:, 0]]
+    for both in pairs:
+        assert abs(both.float().mean().item() - p * p) < 0.005
+    assert abs(draws.all(1).float().mean().item() - p**4) < 0.003
     assert torch.all(y.detach()[~dropped] == torch.tensor(1 / (1 - p), dtype=dtype))
     y.sum().backward()
     # d(x * mask * scale)/dx = mask * scale, and x is all ones
@@ -73,8 +84,6 @@ def test_speed_up_swaps_every_dropout_and_the_attention(tiny_pair):
     # transformers 5 switches BERT to the eager attention with cpu_dropout; on 4.x BERT keeps SDPA.
     switched = int(transformers.__version__.split(".")[0]) >= 5
     assert fast.encoder.config._attn_implementation == (CPU_ATTENTION if switched else "sdpa")
-    # what checkpoints hold: loadable anywhere
-    assert CPU_ATTENTION not in str(fast.encoder.config.to_dict())
 
 
 def test_eager_cpu_attention_computes_what_sdpa_computes(tiny_pair):
@@ -171,3 +180,32 @@ def test_keep_freed_memory_serves_big_blocks_from_a_heap_that_never_shrinks():
     out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).resolve().parents[1])],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == [True, "anonymous", "[heap]", True]
+
+
+def test_a_checkpoint_trained_with_the_levers_runs_with_stock_attention_elsewhere(
+        tiny_model_dir, tiny_data_dir, tmp_path):
+    # train.py on a CPU switches the levers on; best.pt must load, in a process that never saw
+    # them, as the stock model, and give the logits the training process's model gives in eval.
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
+    script = textwrap.dedent("""
+        import json, sys, torch
+        sys.path.insert(0, sys.argv[1])
+        from model import load_model
+        model, tokenizer, _ = load_model(sys.argv[2])
+        enc = tokenizer(["the team wins the cup", "stocks fall on oil"], padding=True,
+                        return_tensors="pt")
+        logits = model(enc["input_ids"], enc["attention_mask"])
+        print(json.dumps([model.encoder.config._attn_implementation,
+                          [type(m).__name__ for m in model.modules() if "Dropout" in
+                           type(m).__name__], logits.tolist()]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(Path(__file__).resolve().parents[1]),
+                          str(tmp_path / "best.pt")], capture_output=True, text=True, check=True)
+    attention, dropouts, logits = json.loads(out.stdout.strip().splitlines()[-1])
+    assert attention == "sdpa" and dropouts and set(dropouts) == {"Dropout"}
+    model, tokenizer, _ = load_model(tmp_path / "best.pt")
+    use_cpu_dropout(model)  # in eval mode the levers compute exactly what the stock model does
+    enc = tokenizer(["the team wins the cup", "stocks fall on oil"], padding=True,
+                    return_tensors="pt")
+    expected = model.eval()(enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(torch.tensor(logits), expected, atol=1e-5)

@@ -1,5 +1,7 @@
 import hashlib
 import io
+import os
+import stat
 import urllib.error
 
 import pytest
@@ -142,8 +144,13 @@ def test_download_checks_md5_and_writes_atomically(tmp_path, monkeypatch):
     payload = b'"1","a","b"\n'
     monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(payload))
     monkeypatch.setitem(data.MD5, "test.csv", hashlib.md5(payload).hexdigest())
-    data.ensure_data(tmp_path, splits=("test.csv",))
+    previous = os.umask(0o022)
+    try:
+        data.ensure_data(tmp_path, splits=("test.csv",))
+    finally:
+        os.umask(previous)
     assert (tmp_path / "test.csv").read_bytes() == payload
+    assert stat.S_IMODE((tmp_path / "test.csv").stat().st_mode) == 0o644  # readable, as the umask
 
     monkeypatch.setitem(data.MD5, "train.csv", "0" * 32)
     with pytest.raises(UserError, match="wrong md5"):

@@ -2,9 +2,10 @@ import csv
 import json
 import shutil
 
+import matplotlib
 import pytest
 import torch
-from conftest import train_tiny
+from conftest import colour_pixels, train_tiny
 from matplotlib.image import imread
 from sklearn.metrics import (
     accuracy_score,
@@ -52,6 +53,11 @@ def test_writes_json_png_and_csv_that_agree_with_training(tiny_run, tmp_path):
 
     image = imread(tmp_path / "confusion_test.png")
     assert image.shape[:2] == (616, 704)  # figsize (6.4, 5.6) inches at 110 dpi
+    # The cells are drawn in the Blues colour map, a shade per rate: pixels of the shade of each
+    # diagonal cell's rate are there (a blank picture, or one without the cells, has none).
+    blues = matplotlib.colormaps["Blues"]
+    for rate in {round(matrix[i, i].item() / 10, 1) for i in range(4)}:
+        assert colour_pixels(tmp_path / "confusion_test.png", blues(rate)[:3]) >= 500, rate
 
 
 def test_val_split_is_the_one_train_py_validated_on(tiny_run, tmp_path):

@@ -2,9 +2,13 @@
 (nbclient + ipykernel), on the tiny random BERT and tiny CSVs. Any cell that errors fails the
 test."""
 import ast
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import nbformat
@@ -108,16 +112,23 @@ def notebook_env(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
     return tmp_path / "drive"
 
 
-def test_colab_notebook_runs_end_to_end_and_resumes_on_run_all(notebook_env):
-    nb = run(nbformat.read(ROOT / "notebooks/colab.ipynb", as_version=4), ROOT)
+def test_colab_notebook_runs_end_to_end_then_again_after_a_restart(notebook_env, tmp_path,
+                                                                    monkeypatch):
+    # Run from a parent folder, as Colab's /content: the setup cell clones the repository (a
+    # local clone of this one: no network) and moves into it.
+    monkeypatch.setenv("AGNEWS_REPO", str(ROOT))
+    content = tmp_path / "content"
+    content.mkdir()
+    nb = run(nbformat.read(ROOT / "notebooks/colab.ipynb", as_version=4), content)
+    assert (content / "agnews-bert" / "train.py").is_file()
     assert len(outputs(nb, "image/png")) == 3  # confusion matrix, embeddings, training curves
     text = outputs(nb)
     assert "best.pt: val accuracy" in text and "Sci/Tech" in text
     assert {"best.pt", "last.pt", "confusion_test.png"} <= {p.name for p in notebook_env.iterdir()}
 
-    # A disconnect, then Run all again: the training cell finds last.pt and resumes instead of
-    # starting over.
-    again = run(nbformat.read(ROOT / "notebooks/colab.ipynb", as_version=4), ROOT)
+    # A disconnect or a kernel restart, then Run all again from the same folder: the clone is
+    # there already, and the training cell finds last.pt and resumes instead of starting over.
+    again = run(nbformat.read(ROOT / "notebooks/colab.ipynb", as_version=4), content)
     assert "resumed from" in outputs(again)
 
 
@@ -138,3 +149,43 @@ def test_no_script_imports_a_name_that_a_notebook_import_would_rebind():
             if isinstance(node, ast.ImportFrom):
                 clashes = {alias.asname or alias.name for alias in node.names} & modules
                 assert not clashes, f"{path.name}: from {node.module} import {clashes}"
+
+
+def test_the_stop_button_saves_and_the_same_kernel_resumes(tiny_model_dir, tiny_data_dir,
+                                                            tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_dir = tmp_path / "run"
+    flags = [*tiny_flags(tiny_model_dir, tiny_data_dir), "--epochs", "10", "--log-every", "1",
+             "--output-dir", str(run_dir)]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in [
+        (f"import os, signal, sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom train import main\n"
+        "kernel_handler = signal.getsignal(signal.SIGINT)\nprint('pid', os.getpid())"),
+        f"stopped = main({flags!r})",
+        ("assert signal.getsignal(signal.SIGINT) is kernel_handler  # the kernel's own again\n"
+        "print(stopped)"),
+        f"resumed = main({[*flags, '--resume']!r})",
+    ]])
+    client = NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+
+    def press_stop(pid):  # what Jupyter's and Colab's stop button do: SIGINT to the kernel
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text()):
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGINT)
+
+    with client.setup_kernel():
+        client.execute_cell(nb.cells[0], 0)
+        pid = int(nb.cells[0].outputs[0]["text"].split()[1])
+        presser = threading.Thread(target=press_stop, args=(pid,))
+        presser.start()
+        client.execute_cell(nb.cells[1], 1)
+        presser.join()
+        for index in (2, 3):
+            client.execute_cell(nb.cells[index], index)
+    text = outputs(nb)
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert f"Resume: main({[*flags, '--resume']!r})" in text and "{'stopped_by': 'SIGINT'" in text
+    assert "resumed from" in text and "best.pt: val accuracy" in text
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 10 * 16  # all of it

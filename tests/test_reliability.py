@@ -39,7 +39,7 @@ def test_sigkill_then_resume_gives_the_same_weights_and_metrics(point, n, straig
     out, result = straight_run
     killed = tmp_path / "killed"
     flags = tiny_args(tiny_model_dir, tiny_data_dir, killed, *FLAGS)
-    proc = subprocess.run([sys.executable, str(KILLER), point, str(n), "--", *flags],
+    proc = subprocess.run([sys.executable, str(KILLER), "KILL", f"{point}:{n}", "--", *flags],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     # the previous last.pt is intact

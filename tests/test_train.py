@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 import sys
 import types
 
@@ -199,3 +201,81 @@ def test_lr_warms_up_to_the_peak_then_decays_every_step(tiny_model_dir, tiny_dat
     assert max(lrs) == pytest.approx(3e-3) and peak == 3
     assert (lrs[:peak] == sorted(lrs[:peak]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
             and lrs[-1] > 0)
+
+
+def test_resume_compares_every_flag_that_changes_the_weights(tiny_model_dir, tiny_data_dir,
+                                                              tmp_path):
+    # Walk the parser: a flag is compared unless it is listed as free, so one added later is too.
+    parser = train.build_parser()
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    assert set(train.RESUME_MAY_CHANGE) <= dests
+    saved = vars(parser.parse_args([]))
+    for dest in dests - set(train.RESUME_MAY_CHANGE):
+        args = parser.parse_args([])
+        setattr(args, dest, "another value")
+        assert train.changed_flags(saved, args) == [
+            f"--{dest.replace('_', '-')}: {saved[dest]!r} then, 'another value' now"], dest
+    # and for real: another clipping threshold would no longer give the uninterrupted run's weights
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
+    with pytest.raises(UserError, match=r"other settings:\n  --max-grad-norm: 1.0 then, 0.5 now$"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume",
+                             "--max-grad-norm", 0.5))
+
+
+def test_amp_runs_the_training_forward_in_bf16_and_fp32_without(tiny_model_dir, tiny_data_dir,
+                                                                 tmp_path, monkeypatch):
+    dtypes = []
+
+    class Recording(train.TopicClassifier):
+        def forward(self, input_ids, attention_mask):
+            logits = super().forward(input_ids, attention_mask)
+            if self.training:
+                dtypes.append(logits.dtype)  # the head's matmul, under the loop's autocast or not
+            return logits
+    monkeypatch.setattr(train, "TopicClassifier", Recording)
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "amp", "--epochs", 1, "--amp"))
+    assert len(dtypes) == 16 and set(dtypes) == {torch.bfloat16}
+    dtypes.clear()
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "fp32", "--epochs", 1))
+    assert len(dtypes) == 16 and set(dtypes) == {torch.float32}
+
+
+def test_resume_keeps_this_machines_adamw_not_the_saved_fused_one(tiny_model_dir, tiny_data_dir,
+                                                                  tmp_path, monkeypatch):
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert all(group["fused"] for group in saved)  # torch >= 2.4 has a fused AdamW on CPUs
+    real_make_optimizer, made = train.make_optimizer, []
+
+    def without_fused(model, args):  # what make_optimizer gives where there is none (torch 2.3)
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+                  for g in real_make_optimizer(model, args).param_groups]
+        made.append(torch.optim.AdamW(groups, lr=args.lr, fused=False))
+        return made[-1]
+    monkeypatch.setattr(train, "make_optimizer", without_fused)
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
+    assert [group["fused"] for group in made[0].param_groups] == [False, False]
+
+
+def test_files_get_the_mode_the_umask_gives(tmp_path):
+    from common import atomic_save
+
+    previous = os.umask(0o022)
+    try:
+        atomic_save({"x": 1}, tmp_path / "shared.pt")
+        assert stat.S_IMODE((tmp_path / "shared.pt").stat().st_mode) == 0o644
+        os.umask(0o077)
+        atomic_save({"x": 1}, tmp_path / "private.pt")
+        assert stat.S_IMODE((tmp_path / "private.pt").stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)
+
+
+def test_resume_compares_the_resolved_precision_not_the_flags_spelling(tiny_model_dir,
+                                                                        tiny_data_dir, tmp_path):
+    # A T4 run saved with --amp-dtype auto (fp16) resumes on an A100 with --amp-dtype fp16: the
+    # same dtype spelled another way. On a CPU: auto and bf16 both resolve to bf16.
+    flags = ("--epochs", 1, "--amp", "--save-every", 3)
+    first = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, *flags))
+    assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, *flags, "--resume",
+                                "--amp-dtype", "bf16")) == first

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import train_tiny
+from conftest import colour_pixels, train_tiny
 from matplotlib.image import imread
 from sklearn.metrics import silhouette_score
 
@@ -34,6 +34,13 @@ def test_writes_both_panels_scores_and_training_curves(tiny_run):
     run_dir, _, result = tiny_run
     assert png_shape(run_dir / "embeddings_test.png") == TWO_PANELS
     assert png_shape(run_dir / "training_curves.png") == CURVES
+    # Something is drawn: above the legend (the bottom sixth), dots of each class's colour (alpha
+    # 0.7) in the maps, and the loss curves (C0, C1) in the curves.
+    maps = slice(0, TWO_PANELS[0] * 5 // 6)
+    for k in range(4):
+        assert colour_pixels(run_dir / "embeddings_test.png", f"C{k}", 0.7, maps) >= 20, k
+    for colour in ("C0", "C1"):
+        assert colour_pixels(run_dir / "training_curves.png", colour) >= 100, colour
     summary = json.loads((run_dir / "embeddings_test.json").read_text())
     # 40 points: perplexity cut to (40 - 1) / 3
     assert summary["points"] == 40 and summary["perplexity"] == 13
