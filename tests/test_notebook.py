@@ -177,7 +177,7 @@ def test_the_stop_button_saves_and_the_same_kernel_resumes(tiny_model_dir, tiny_
 
     with client.setup_kernel():
         client.execute_cell(nb.cells[0], 0)
-        pid = int(nb.cells[0].outputs[0]["text"].split()[1])
+        pid = int(re.search(r"pid (\d+)", outputs(nb)).group(1))
         presser = threading.Thread(target=press_stop, args=(pid,))
         presser.start()
         client.execute_cell(nb.cells[1], 1)

@@ -12,7 +12,7 @@ from conftest import tiny_args
 import train
 
 KILLER = Path(__file__).with_name("killer.py")
-FLAGS = ("--epochs", 2)  # 8 steps an epoch; the default --save-every 0: last.pt only at epoch ends
+FLAGS = ("--epochs", 2)  # 16 steps an epoch; the default --save-every 0: last.pt at epoch ends
 
 
 @pytest.fixture
@@ -24,8 +24,8 @@ def straight_run(tiny_model_dir, tiny_data_dir, tmp_path):
 @pytest.mark.parametrize("sig, points, code, at_step", [
     ("INT", ["step:5"], 130, 5),  # mid-epoch, between backward and the update
     ("TERM", ["step:5"], 143, 5),
-    ("INT", ["eval:1"], 130, 8),  # during the first evaluation: it ends, then the run stops
-    ("TERM", ["eval:1"], 143, 8),
+    ("INT", ["eval:1"], 130, 16),  # during the first evaluation: it ends, then the run stops
+    ("TERM", ["eval:1"], 143, 16),
     ("INT", ["step:5", "write:1"], 130, 5),  # and a second Ctrl-C halfway through writing last.pt
 ])
 def test_a_stop_saves_says_how_to_resume_and_resumes_exactly(sig, points, code, at_step,
