@@ -93,12 +93,14 @@ def test_max_length_beyond_the_model_is_refused(tiny_model_dir, tiny_data_dir, t
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--max-length", 512))
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"), ("--lr", "0"),
-                                         ("--amp-dtype", "fp8")])
-def test_bad_flags_are_rejected_by_name(flag, value, capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "0", "must be > 0, got 0"), ("--batch-size", "-1", "must be > 0, got -1"),
+    ("--lr", "0", "must be > 0, got 0"), ("--seed", "-1", "must be >= 0, got -1"),
+    ("--amp-dtype", "fp8", "invalid choice: 'fp8'")])
+def test_bad_flags_are_rejected_by_name(flag, value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main([flag, value])
-    assert exit_info.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
 
 
 def test_notebook_argv_is_ignored(monkeypatch):
