@@ -24,8 +24,11 @@ class UserError(SystemExit):
 
 
 def in_notebook():
-    """True in a Jupyter/Colab kernel (a cell, or `%run script.py`)."""
-    return "ipykernel" in sys.modules
+    """True when running in a Jupyter/Colab kernel (a cell, or `%run script.py`): its IPython
+    shell has a kernel. Merely importing ipykernel or IPython does not count."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython else None
+    return getattr(shell, "kernel", None) is not None
 
 
 class StopSignals:
