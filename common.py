@@ -31,15 +31,29 @@ def in_notebook():
     return getattr(shell, "kernel", None) is not None
 
 
+class Stopped(KeyboardInterrupt):
+    """A run the user stopped. train.main prints where and how to resume, then exits from a shell
+    with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), or, in a notebook, re-raises
+    this: the cell ends as an error without a traceback, so the cells queued after it do not run."""
+
+    def __init__(self, signum, step=None):
+        super().__init__(signum)
+        self.signum, self.step = signum, step  # step: the one last.pt holds, when it was saved
+
+    def _render_traceback_(self):  # IPython's hook: the one-line message is printed already
+        return []
+
+
 class StopSignals:
     """Within `with StopSignals() as stop:`, SIGINT (Ctrl-C, a notebook's stop button) and SIGTERM
-    (schedulers, preemptible machines) set stop.signum instead of killing the process: train.py
-    finishes the step in flight, saves and exits. A second one changes nothing (the save goes on);
-    a third raises KeyboardInterrupt at once (checkpoints are written atomically, so the previous
-    last.pt stays intact). The previous handlers come back on exit."""
+    (schedulers, preemptible machines) end the run without a traceback. While stop.phase is
+    "training" they only set stop.signum: train.py finishes the step in flight, saves it and stops
+    (a second signal changes nothing, a third stops at once: checkpoints are written atomically,
+    so the previous last.pt stays intact). Otherwise they raise Stopped at once. The previous
+    handlers come back on exit."""
 
     def __enter__(self):
-        self.signum, self.count, self.previous = None, 0, {}
+        self.phase, self.signum, self.count, self.previous = "setup", None, 0, {}
         if threading.current_thread() is threading.main_thread():  # where Python runs handlers
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.previous[signum] = signal.signal(signum, self.request)
@@ -47,10 +61,10 @@ class StopSignals:
 
     def request(self, signum, frame):
         self.signum, self.count = signum, self.count + 1
-        if self.count >= 3:
-            raise KeyboardInterrupt
-        print(f"\n{signal.Signals(signum).name}: " + ("stopping after the step in flight; press "
-              "Ctrl-C twice more to stop at once" if self.count == 1 else "still stopping..."),
+        if self.phase != "training" or self.count >= 3:
+            raise Stopped(signum)
+        print(f"\n{signal.Signals(signum).name}: " + ("stopping after the step in flight (Ctrl-C "
+              "twice more: at once)" if self.count == 1 else "still stopping..."),
               file=sys.stderr, flush=True)
 
     def __exit__(self, *exc_info):

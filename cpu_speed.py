@@ -11,7 +11,7 @@ that a GPU does not have; benchmarks/cpu_levers.py measures what removing each g
 - Page faults. glibc returns every freed block over 32 MB to the OS, so the word-embedding gradient
   (47 MB for MiniLM, 94 MB for bert-base) is page-faulted back in, page by page, every step.
   keep_freed_memory has glibc keep such blocks for reuse.
-Neither touches the weights: checkpoints are the same as without them. None of it runs on a GPU.
+Neither adds or renames a weight: checkpoints load the same without them. None runs on a GPU.
 """
 import ctypes
 

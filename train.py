@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from common import (
+    Stopped,
     StopSignals,
     UserError,
     add_device_flags,
@@ -52,8 +53,9 @@ from model import (
     tokenizer_files,
 )
 
-# The flags --resume lets differ from the run's: where it runs, writes and logs, none of which
-# changes the weights. Every other flag must be the same. --amp-dtype is among them because "auto"
+# The flags --resume lets differ from the run's: where it writes and logs, how it evaluates, and
+# the device (a run may move on: from a CPU to a GPU or back, its dropout masks then differ from an
+# unbroken run's). Every other flag must be the same. --amp-dtype is among them because "auto"
 # resolves by GPU (fp16 on a T4, bf16 on an A100): the resolved dtype is what resume() compares.
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "log_every", "save_every",
                      "eval_batch_size", "cache_dir", "device", "amp_dtype")
@@ -237,7 +239,7 @@ class TrainingLog:
             self.write({"type": "train", "epoch": epoch + 1, "step": step, "loss": loss, "lr": lr,
                         "samples_per_s": samples_per_s, "tokens_per_s": self.tokens / seconds,
                         "window_s": seconds})
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", 
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                                  samples_s=f"{samples_per_s:.1f}")
             tqdm.write(f"epoch {epoch + 1} step {step}/{self.total_steps} loss {loss:.4f} "
                        f"lr {lr:.2e} {samples_per_s:.1f} samples/s")
@@ -262,7 +264,9 @@ class TrainingLog:
         self.write({"type": "eval", "split": split, **where, "step": step, **metrics})
         tqdm.write(f"{split}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
                    f"macro-F1 {metrics['macro_f1']:.4f}")
-        self.start = time.perf_counter()  # evaluation time is not training throughput
+
+    def restart_clock(self):
+        self.start = time.perf_counter()
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -272,30 +276,37 @@ class TrainingLog:
         self.bar.close()
 
 
-def stopped(signum, step, out_dir, argv, log):
-    """The run was asked to stop: say where, and how to resume. From a shell, exit with 128 + the
-    signal's number (130 for Ctrl-C, 143 for SIGTERM); in a notebook, hand the kernel back."""
-    log.close()
-    name = signal.Signals(signum).name
+def stop_message(stopped, phase, out_dir, argv):
+    """One line for a run the user stopped: where, and the command that resumes it."""
+    name = signal.Signals(stopped.signum).name
     flags = [str(a) for a in argv or []]
     flags += [] if "--resume" in flags else ["--resume"]
-    again = f"main({flags!r})" if in_notebook() else f"python train.py {shlex.join(flags)}"
-    if (out_dir / "last.pt").is_file():
-        print(f"{name}: stopped at step {step}; {out_dir / 'last.pt'} holds it. Resume: {again}")
-    else:
-        print(f"{name}: stopped before the first step; nothing saved, nothing to resume")
-    if not in_notebook():
-        raise SystemExit(128 + signum)
-    return {"stopped_by": name, "step": step}
+    # pasted into a cell (or %run), main is the notebook's own; imported, it is train.main
+    call = f"{'import train; train.' if __name__ == 'train' else ''}main({flags!r})"
+    again = call if in_notebook() else f"python train.py {shlex.join(flags)}"
+    if phase == "setup":
+        return f"{name}: stopped during the set-up, before the first step; nothing was saved"
+    if phase == "test":
+        return f"{name}: stopped during the final test; the run is saved. The report: {again}"
+    if stopped.step is None:  # a third Ctrl-C: at once, from the last save
+        return f"{name}: stopped at once; resume from the last save of last.pt: {again}"
+    last = out_dir / "last.pt"
+    return f"{name}: stopped at step {stopped.step}; {last} holds it. Resume: {again}"
 
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)
-    with StopSignals() as stop:  # Ctrl-C, a notebook's stop button, SIGTERM: save, then stop
-        return run(args, stop, argv)
+    with StopSignals() as stop:  # Ctrl-C, a notebook's stop button, SIGTERM: see common.py
+        try:
+            return run(args, stop)
+        except Stopped as stopped:
+            print(stop_message(stopped, stop.phase, Path(args.output_dir), argv))
+            if in_notebook():
+                raise  # the cell ends there, without a traceback: Run all goes no further
+            raise SystemExit(128 + stopped.signum) from None
 
 
-def run(args, stop, argv):
+def run(args, stop):
     # ---- setup
     out_dir = Path(args.output_dir)
     prepare_output_dir(out_dir, args)
@@ -347,9 +358,8 @@ def run(args, stop, argv):
     log = TrainingLog(out_dir / "metrics.jsonl", args, train_lengths, total_steps, step, device,
                       fp16=scaler.is_enabled())
     model.train()
+    stop.phase = "training"  # from here a stop waits for the step in flight, then saves it
     for epoch in range(start_epoch, args.epochs):
-        if stop.signum:  # asked during the set-up or the last evaluation: nothing in flight
-            return stopped(stop.signum, step, out_dir, argv, log)
         batches = batch_order(train_lengths, args.batch_size, True, args.seed, epoch,
                               args.group_by_length)
         for first in range(batches_done, len(batches), args.grad_accum_steps):
@@ -379,7 +389,7 @@ def run(args, stop, argv):
                 save_checkpoint(make_checkpoint(model, run_info, epoch, step, best_acc, **state),
                                 out_dir / "last.pt")
             if stop.signum:  # Ctrl-C, a stop button or SIGTERM: last.pt now holds this very step
-                return stopped(stop.signum, step, out_dir, argv, log)
+                raise Stopped(stop.signum, step)
         batches_done = 0
 
         metrics, _ = evaluate_model(model, val_ids, val_labels, pad_id, device, amp_dtype,
@@ -393,7 +403,11 @@ def run(args, stop, argv):
         state = training_state(optimizer, scheduler, scaler, 0, device)
         save_checkpoint(make_checkpoint(model, run_info, epoch + 1, step, best_acc, **state),
                         out_dir / "last.pt")
+        if stop.signum:  # asked during the evaluation
+            raise Stopped(stop.signum, step)
+        log.restart_clock()  # evaluating and saving are not training throughput
     log.close()
+    stop.phase = "test"
 
     # ---- final report: the best checkpoint on the held-out test set
     model.load_state_dict(read_checkpoint(out_dir / "best.pt")["model"])

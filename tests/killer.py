@@ -4,8 +4,9 @@
 
 SIGNAL: KILL (no clean-up of any kind), INT (Ctrl-C) or TERM. POINT:N: step:N, in the N-th
 optimizer step, between backward and the update; eval:N, as the N-th evaluation starts;
-write:N, halfway through writing the N-th checkpoint file (with KILL the file stays half written;
-with another signal the write then goes on). Each POINT counts its own calls.
+write:N, halfway through writing the N-th checkpoint file (best.pt or last.pt; with KILL the file
+stays half written, with another signal the write then goes on). Each POINT counts its own
+calls.
 """
 import io
 import os
@@ -25,13 +26,13 @@ flags = sys.argv[sys.argv.index("--") + 1 :]
 real_save = torch.save
 
 
-def signal_on_nth(real, n, during=None):
+def signal_on_nth(real, n, during=None, counts=lambda *args: True):
     calls = 0
 
     def wrapped(*args, **kwargs):
         nonlocal calls
-        calls += 1
-        if calls == int(n):
+        calls += counts(*args)
+        if calls == int(n) and counts(*args):
             if during:
                 return during(*args)
             os.kill(os.getpid(), sig)
@@ -53,5 +54,8 @@ if "step" in points:
 if "eval" in points:
     train.evaluate_model = signal_on_nth(train.evaluate_model, points["eval"])
 if "write" in points:
-    common.torch.save = signal_on_nth(real_save, points["write"], write_with_signal_halfway)
+    def is_checkpoint(obj, f):  # best.pt or last.pt (the one format), not a token cache file
+        return isinstance(obj, dict) and "format" in obj
+    common.torch.save = signal_on_nth(real_save, points["write"], write_with_signal_halfway,
+                                      is_checkpoint)
 train.main(flags)

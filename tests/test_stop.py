@@ -1,6 +1,8 @@
 """Ctrl-C, a notebook's stop button and SIGTERM: the step in flight finishes, last.pt holds that
 point, one line says how to resume, and the resumed run ends as an uninterrupted one would."""
+import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ def straight_run(tiny_model_dir, tiny_data_dir, tmp_path):
     ("TERM", ["step:5"], 143, 5),
     ("INT", ["eval:1"], 130, 16),  # during the first evaluation: it ends, then the run stops
     ("TERM", ["eval:1"], 143, 16),
+    ("INT", ["eval:2"], 130, 32),  # during the last epoch's evaluation
     ("INT", ["step:5", "write:1"], 130, 5),  # and a second Ctrl-C halfway through writing last.pt
 ])
 def test_a_stop_saves_says_how_to_resume_and_resumes_exactly(sig, points, code, at_step,
@@ -50,25 +53,37 @@ def test_a_stop_saves_says_how_to_resume_and_resumes_exactly(sig, points, code, 
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_a_stop_before_the_first_step_saves_nothing_and_says_so(tiny_model_dir, tiny_data_dir,
-                                                                 tmp_path, monkeypatch, capsys):
-    real_stop_signals = train.StopSignals
+def test_a_stop_during_the_final_test_keeps_the_run_and_resume_reports(straight_run,
+                                                                       tiny_model_dir,
+                                                                       tiny_data_dir, tmp_path):
+    _, result = straight_run
+    stopped = tmp_path / "stopped"
+    flags = tiny_args(tiny_model_dir, tiny_data_dir, stopped, *FLAGS)
+    proc = subprocess.run([sys.executable, str(KILLER), "TERM", "eval:3", "--", *flags],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 143 and "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"SIGTERM: stopped during the final test; the run is saved. The report: "
+        f"python train.py {shlex.join([*flags, '--resume'])}")
+    assert train.main([*flags, "--resume"]) == result
 
-    class StopAtOnce(real_stop_signals):
-        def __enter__(self):
-            stop = super().__enter__()
-            stop.signum = 2  # as if Ctrl-C came while the data was being tokenized
-            return stop
-    monkeypatch.setattr(train, "StopSignals", StopAtOnce)
+
+def test_a_stop_during_the_set_up_ends_at_once_and_saves_nothing(tiny_model_dir, tiny_data_dir,
+                                                                  tmp_path, monkeypatch, capsys):
+    real_load_pretrained = train.load_pretrained
+
+    def ctrl_c_while_loading(name):  # a real SIGINT, as while a model downloads
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_load_pretrained(name)
+    monkeypatch.setattr(train, "load_pretrained", ctrl_c_while_loading)
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, *FLAGS))
     assert exit_info.value.code == 130 and not (tmp_path / "last.pt").exists()
-    assert "SIGINT: stopped before the first step; nothing saved" in capsys.readouterr().out
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "SIGINT: stopped during the set-up, before the first step; nothing was saved")
 
 
 def test_signal_handlers_are_restored_after_training(tiny_model_dir, tiny_data_dir, tmp_path):
-    import signal
-
     def mine(signum, frame):
         pass
     previous = signal.signal(signal.SIGTERM, mine)
