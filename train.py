@@ -212,52 +212,61 @@ class TrainingLog:
         self.log_every, self.lengths, self.total_steps = args.log_every, train_lengths, total_steps
         self.first_step, self.device, self.fp16 = step, device, fp16
         # Summed on the device and read (a sync) only at a log line: the loss, and the steps whose
-        # gradient norm was NaN/Inf (with fp16 the GradScaler skips those; else they stop the run).
+        # gradient norm was NaN/Inf. With fp16 those are overflows the GradScaler skipped (counted
+        # in the log, their loss left out); in fp32 or bf16 they stop the run.
+        self.step_loss = torch.zeros((), device=device)
         self.loss_sum = torch.zeros((), device=device)
-        self.bad_grads = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         self.steps = self.samples = self.tokens = 0
         self.start = time.perf_counter()
 
     def micro_batch(self, loss, rows):
-        self.loss_sum += loss.detach()
+        self.step_loss += loss.detach()
         self.samples += len(rows)
         self.tokens += sum(self.lengths[i] for i in rows)
 
     def step(self, step, epoch, lr, grad_norm, end_of_epoch):
+        overflow = ~torch.isfinite(grad_norm)
+        self.nonfinite += overflow
+        self.loss_sum += torch.where(overflow, 0.0, self.step_loss) if self.fp16 else self.step_loss
+        self.step_loss.zero_()
         self.steps += 1
-        if not self.fp16:
-            self.bad_grads += ~torch.isfinite(grad_norm)
         self.bar.update()
         if step == self.first_step + 1:
             self.warm = time.perf_counter()  # the first step pays for warm-up: time from its end
         elif step == self.first_step + 6 and self.device.type == "cpu":
             warn_if_slow((time.perf_counter() - self.warm) / 5, self.total_steps - step)
         if step % self.log_every == 0 or end_of_epoch:
-            loss = self.check_finite(step) / self.steps
+            loss_sum, skipped = self.check_finite(step)
+            loss = loss_sum / (self.steps - skipped) if self.steps > skipped else math.nan
             seconds = time.perf_counter() - self.start  # after check_finite's sync: work done
             samples_per_s = self.samples / seconds
             self.write({"type": "train", "epoch": epoch + 1, "step": step, "loss": loss, "lr": lr,
                         "samples_per_s": samples_per_s, "tokens_per_s": self.tokens / seconds,
-                        "window_s": seconds})
+                        "window_s": seconds, **({"skipped_steps": skipped} if self.fp16 else {})})
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                                  samples_s=f"{samples_per_s:.1f}")
             tqdm.write(f"epoch {epoch + 1} step {step}/{self.total_steps} loss {loss:.4f} "
-                       f"lr {lr:.2e} {samples_per_s:.1f} samples/s")
+                       f"lr {lr:.2e} {samples_per_s:.1f} samples/s"
+                       + (f" ({skipped} fp16 overflows skipped)" if skipped else ""))
             self.loss_sum.zero_()
+            self.nonfinite.zero_()
             self.steps = self.samples = self.tokens = 0
             self.start = time.perf_counter()
 
     def check_finite(self, step):
-        """-> the loss summed since the last log line. Stops the run on a NaN/Inf loss or gradient
-        before it reaches a checkpoint."""
-        loss_sum, bad_grads = self.loss_sum.item(), self.bad_grads.item()
-        if not math.isfinite(loss_sum) or bad_grads:
+        """-> the loss summed since the last log line and, with fp16, the steps the GradScaler
+        skipped. In fp32 or bf16, stops the run on a NaN/Inf loss or gradient before it reaches a
+        checkpoint."""
+        loss_sum, nonfinite = self.loss_sum.item(), self.nonfinite.item()
+        if self.fp16:
+            return loss_sum, nonfinite
+        if not math.isfinite(loss_sum) or nonfinite:
             value = loss_sum if not math.isfinite(loss_sum) else "nan or inf"
             raise UserError(f"the training loss or gradients became {value} by step {step}; "
-                            f"stopping. The last good "
-                            f"checkpoints in {self.out_dir} are kept. Try a lower --lr, or "
-                            f"--amp-dtype bf16 instead of fp16.")
-        return loss_sum
+                            f"stopping. The last good checkpoints in {self.out_dir} are kept. "
+                            f"Try a lower --lr.")
+        return loss_sum, 0
 
     def evaluation(self, split, step, metrics, epoch=None):
         where = {} if epoch is None else {"epoch": epoch + 1}

@@ -1,6 +1,7 @@
 """Kill -9 at any point and resume to the same result; bad numbers stop the run without harming
 checkpoints."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,27 @@ def test_nan_gradients_with_a_finite_loss_stop_the_run_too(tiny_model_dir, tiny_
                              "--save-every", 2, "--log-every", 100))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_fp16_overflows_are_skipped_and_counted_not_fatal(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                          monkeypatch):
+    # fp16 as on a T4, here on the CPU: autocast to fp16 and a live GradScaler. One forward
+    # overflows (an inf loss): the scaler skips that step, and the run goes on.
+    monkeypatch.setattr(train, "pick_amp_dtype", lambda *args: torch.float16)
+    real_cross_entropy, calls = train.F.cross_entropy, []
+
+    def overflow_once(logits, targets):
+        calls.append(1)
+        loss = real_cross_entropy(logits, targets)
+        return loss * float("inf") if len(calls) == 5 else loss
+    monkeypatch.setattr(train.F, "cross_entropy", overflow_once)
+    result = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--amp",
+                                  "--log-every", 4))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in windows] == [4, 8, 12, 16]
+    assert windows[1]["skipped_steps"] >= 1  # step 5's
+    assert all(math.isfinite(r["loss"]) for r in windows)  # the skipped step's loss left out
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["step"] == 16 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert result["test_accuracy"] >= 0
