@@ -5,20 +5,22 @@ batch size, steps.
     HF_HUB_OFFLINE=1 python benchmarks/bench_train.py
     # + accuracy: 1 epoch each, test split
     python benchmarks/bench_train.py --full-epoch
-    # bert-base on a GPU
+    # bert-base's shape on a GPU (the data: the shipped data/ag_news_small)
     python benchmarks/bench_train.py --device cuda --random-init --steps 300 --batch-size 32
 
 Set-ups (lr 1e-4, warmup 10 %, batch 32 unless flags say otherwise):
-  trainer_default  Trainer, fp32, every row padded to --max-length (its default set-up)
+  trainer_default  Trainer, fp32, every row padded to --max-length (its default set-up); TF32
+                   matmuls on GPUs that have them, as train.py's fp32
   trainer_best     Trainer, bf16 (fp16 on GPUs without bf16), dynamic padding, group_by_length
-  ours_fp32        train.main(), fp32
+  ours_fp32        train.main(), fp32 (TF32 matmuls on GPUs that have them)
   ours_amp         train.main(--amp): bf16/fp16 autocast, length-grouped batches, padding to x8
                    on GPUs; on CPUs also cpu_dropout and keep_freed_memory (see cpu_speed.py,
                    benchmarks/cpu_levers.py)
 
 Samples/s are steady-state (the first steps, which pay for warm-up, are not timed). Model FLOP/s =
-(6 x non-embedding parameters + 12 x layers x hidden x mean length) x real tokens/s, against a bf16
-matmul peak measured here at the model's own GEMM shapes.
+(6 x non-embedding parameters + 12 x layers x hidden x mean length) x real tokens/s, against the
+matmul peak of the fastest precision here (bf16; fp16 on GPUs without bf16; fp32 on CPUs without
+bf16 units) measured here at the model's own GEMM shapes.
 """
 import argparse
 import inspect
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train
-from common import UserError, parse_args, pick_device
+from common import UserError, cpu_has_native_bf16, parse_args, pick_device
 from data import load_splits, tokenize
 
 SETUPS = ["trainer_default", "trainer_best", "ours_fp32", "ours_amp"]
@@ -142,6 +144,14 @@ def run_ours(name, args, work, model_name, device):
             "test_accuracy": result["test_accuracy"]}
 
 
+def peak_dtype(device):
+    """The fastest dtype here, whose matmul peak the model FLOP/s are compared with: bf16 where the
+    hardware has it natively, fp16 on older GPUs (a T4), fp32 on CPUs without bf16 units."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
 def trainer_arguments(name, args, work, device):
     from transformers import TrainingArguments
 
@@ -153,9 +163,10 @@ def trainer_arguments(name, args, work, device):
           "use_cpu": device.type == "cpu"}
     # transformers 5 takes the warm-up fraction as warmup_steps and renamed group_by_length.
     kw.update({"warmup_ratio": 0.1} if "warmup_ratio" in params else {"warmup_steps": 0.1})
+    if name == "trainer_default" and device.type == "cuda" and "tf32" in params:
+        kw["tf32"] = peak_dtype(device) == torch.bfloat16  # like train.py's fp32: TF32 on Ampere+
     if name == "trainer_best":
-        bf16 = device.type == "cpu" or torch.cuda.get_device_capability(device)[0] >= 8
-        kw.update({"bf16": True} if bf16 else {"fp16": True})
+        kw.update({"fp16": True} if peak_dtype(device) == torch.float16 else {"bf16": True})
         kw.update({"group_by_length": True} if "group_by_length" in params
                   else {"train_sampling_strategy": "group_by_length"})
     return TrainingArguments(**kw)
@@ -215,8 +226,9 @@ def non_embedding_params(config):
 def report(results, args, config, mean_len, device):
     params = non_embedding_params(config)
     tokens = args.batch_size * math.ceil(mean_len / 8) * 8
-    peak_bf16 = matmul_peak(config.hidden_size, config.intermediate_size, tokens, device,
-                            torch.bfloat16)
+    dtype = peak_dtype(device)
+    peak = matmul_peak(config.hidden_size, config.intermediate_size, tokens, device, dtype)
+    half = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * mean_len
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{os.cpu_count()}-core CPU ({platform.machine()})")
@@ -225,20 +237,20 @@ def report(results, args, config, mean_len, device):
           f"({params / 1e6:.1f}M non-embedding parameters); batch {args.batch_size}; "
           f"{'1 epoch' if args.full_epoch else f'{args.steps} steps'}; "
           f"mean {mean_len:.1f} real tokens/row; "
-          f"bf16 matmul peak at the model's shapes {peak_bf16:.0f} GFLOP/s\n")
+          f"{half} matmul peak at the model's shapes {peak:.0f} GFLOP/s\n")
     base = results.get("trainer_default", {}).get("samples_per_s")
     print("| set-up | samples/s | real tokens/s | vs Trainer default | model GFLOP/s "
-          "| % of bf16 peak | s per 120k-row epoch | test accuracy |")
+          f"| % of {half} peak | s per 120k-row epoch | test accuracy |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         gflops = flops_per_token * r["samples_per_s"] * mean_len / 1e9
         acc = f"{100 * r['test_accuracy']:.2f} %" if args.full_epoch else "-"
         ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
         print(f"| {name} | {r['samples_per_s']:.1f} | {r['samples_per_s'] * mean_len:.0f} | "
-              f"{ratio} | {gflops:.0f} | {100 * gflops / peak_bf16:.0f} % | "
+              f"{ratio} | {gflops:.0f} | {100 * gflops / peak:.0f} % | "
               f"{120_000 / r['samples_per_s']:.0f} | {acc} |")
-    return {"peak_bf16_gflops": peak_bf16, "mean_len": mean_len, "non_embedding_params": params,
-            "results": results}
+    return {"peak_gflops": peak, "peak_dtype": half, "mean_len": mean_len,
+            "non_embedding_params": params, "results": results}
 
 
 def main(argv=None):
