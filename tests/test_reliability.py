@@ -63,15 +63,20 @@ def test_resume_on_changed_data_is_refused(tiny_model_dir, tiny_data_dir, tmp_pa
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_data_dir,
-                                                                    tmp_path, monkeypatch):
+def poison_the_loss(monkeypatch, factor, at_call):
+    """train.py's loss at its at_call-th micro-batch, multiplied by factor (nan, inf)."""
     real_cross_entropy, calls = train.F.cross_entropy, []
 
     def poisoned(logits, targets):
         calls.append(1)
         loss = real_cross_entropy(logits, targets)
-        return loss * float("nan") if len(calls) == 5 else loss
+        return loss * factor if len(calls) == at_call else loss
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_data_dir,
+                                                                    tmp_path, monkeypatch):
+    poison_the_loss(monkeypatch, float("nan"), at_call=5)
     with pytest.raises(UserError, match="loss or gradients became nan by step 6; stopping. "
                                         "The last good checkpoints"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1,
@@ -116,13 +121,7 @@ def test_fp16_overflows_are_skipped_and_counted_not_fatal(tiny_model_dir, tiny_d
     # fp16 as on a T4, here on the CPU: autocast to fp16 and a live GradScaler. One forward
     # overflows (an inf loss): the scaler skips that step, and the run goes on.
     monkeypatch.setattr(train, "pick_amp_dtype", lambda *args: torch.float16)
-    real_cross_entropy, calls = train.F.cross_entropy, []
-
-    def overflow_once(logits, targets):
-        calls.append(1)
-        loss = real_cross_entropy(logits, targets)
-        return loss * float("inf") if len(calls) == 5 else loss
-    monkeypatch.setattr(train.F, "cross_entropy", overflow_once)
+    poison_the_loss(monkeypatch, float("inf"), at_call=5)
     result = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--amp",
                                   "--log-every", 4))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
