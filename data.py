@@ -203,10 +203,11 @@ def load_splits(data_dir, val_size, seed, max_train_samples=None):
 
 
 def load_checkpoint_split(ckpt, ckpt_path, data_dir, split):
-    """-> texts, labels of the test split, or of the validation split exactly as the checkpoint's
-    run carved it (its --val-size and --seed). The head's outputs mean the checkpoint's classes:
-    data whose classes.txt lists others is refused, as scoring against it would be silently
-    wrong."""
+    """-> data_dir (None: the checkpoint's run's), and the texts, labels of its test split or of
+    its validation split exactly as the run carved it (its --val-size and --seed). The head's
+    outputs mean the checkpoint's classes: data whose classes.txt lists others is refused, as
+    scoring against it would be silently wrong."""
+    data_dir = data_dir or ckpt["config"]["data_dir"]
     class_names = read_class_names(data_dir)
     if class_names != ckpt["class_names"]:
         raise UserError(f"--ckpt {ckpt_path} was trained on classes {ckpt['class_names']}, but "
@@ -214,7 +215,7 @@ def load_checkpoint_split(ckpt, ckpt_path, data_dir, split):
                         f"Pass the --data-dir of that run.")
     if split == "test":
         ensure_data(data_dir, ("test.csv",))
-        return read_csv(Path(data_dir) / "test.csv", len(class_names))
+        return data_dir, read_csv(Path(data_dir) / "test.csv", len(class_names))
     if not (Path(data_dir) / "train.csv").is_file():
         raise UserError(f"--split val: {Path(data_dir) / 'train.csv'} not found; "
                         f"the validation rows are carved from the run's train.csv "
@@ -222,7 +223,7 @@ def load_checkpoint_split(ckpt, ckpt_path, data_dir, split):
     config = ckpt["config"]
     _, _, val, _ = load_splits(data_dir, config["val_size"], config["seed"],
                                config.get("max_train_samples"))
-    return val
+    return data_dir, val
 
 
 # ------------------------------------------------------------------------------------- tokens

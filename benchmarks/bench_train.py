@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train
-from common import UserError, cpu_has_native_bf16, parse_args, pick_device
+from common import UserError, cpu_has_native_bf16, parse_args, pick_amp_dtype, pick_device
 from data import load_splits, tokenize
 
 SETUPS = ["trainer_default", "trainer_best", "ours_fp32", "ours_amp"]
@@ -148,7 +148,7 @@ def peak_dtype(device):
     """The fastest dtype here, whose matmul peak the model FLOP/s are compared with: bf16 where the
     hardware has it natively, fp16 on older GPUs (a T4), fp32 on CPUs without bf16 units."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+        return pick_amp_dtype(device, amp=True)  # train.py's --amp choice: bf16, or fp16 on a T4
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
