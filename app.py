@@ -3,6 +3,8 @@
     pip install -r requirements-app.txt          # gradio: an optional dependency, used only here
     python app.py --ckpt best.pt                 # then open http://127.0.0.1:7860
     python app.py --ckpt best.pt --host 0.0.0.0  # reachable from other machines: no login!
+    demo = app.main(["--ckpt", "best.pt"])       # a notebook cell: the page shows below it
+                                                 # (Colab: through its proxy, for you alone)
 
 The page calls model.load_classifier, predict.py's inference path. It is also an API:
     from gradio_client import Client
@@ -13,7 +15,7 @@ import argparse
 import os
 import sys
 
-from common import UserError, add_device_flags, parse_args
+from common import UserError, add_device_flags, in_notebook, parse_args
 from data import clean_text
 from model import load_classifier
 
@@ -32,7 +34,11 @@ def build_parser():
     p.add_argument("--ckpt", default="best.pt", help="checkpoint written by train.py")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes it to the network")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, help="default: 7860, or the next free one")
+    p.add_argument("--share", action="store_true",
+                   help="also open a public https://*.gradio.live link: anyone who has it can use "
+                        "the app and its API, with no login, while it runs, and what they type "
+                        "passes through Gradio's share server")
     add_device_flags(p)
     return p
 
@@ -87,17 +93,26 @@ def describe(ckpt_path, info):
 
 
 def main(argv=None):
+    """-> the running gradio app; a notebook cell gets it back at once (demo.close() stops it),
+    a shell waits until Ctrl-C."""
     args = parse_args(build_parser(), argv)
     gr = import_gradio()  # before loading the model: fail in a second, not after it
+    if "COLAB_RELEASE_TAG" in os.environ and not in_notebook() and not args.share:
+        print("note: `!python app.py` in Colab listens on the VM, which your browser cannot "
+              "reach. Run it from a cell instead (import app; demo = app.main([...])), or add "
+              "--share.")
     classify, info = load_classifier(args.ckpt, args.device, args.amp, args.amp_dtype)
     demo = build_app(gr, classify, info["class_names"], describe(args.ckpt, info))
     try:
-        demo.launch(server_name=args.host, server_port=args.port, show_error=True)
+        # share: explicit, as in Colab gradio would otherwise turn a public link on by itself
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                    show_error=True, prevent_thread_lock=in_notebook())
     except OSError:
         # gradio's "Cannot find empty port", whose advice names its own settings, not our flags
-        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there "
+        raise UserError(f"--host {args.host} --port {args.port or 7860}: cannot listen there "
                         f"(the port is in use, or the address is not one of this machine's); "
                         f"try another --port") from None
+    return demo
 
 
 # `python app.py` and `%run app.py` set __file__; a pasted cell only defines main().

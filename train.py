@@ -38,6 +38,7 @@ from common import (
     pick_amp_dtype,
     pick_device,
     positive,
+    recover_in_place,
     to_device,
 )
 from cpu_speed import speed_up_cpu_training
@@ -58,7 +59,7 @@ from model import (
 # unbroken run's). Every other flag must be the same. --amp-dtype is among them because "auto"
 # resolves by GPU (fp16 on a T4, bf16 on an A100): the resolved dtype is what resume() compares.
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "log_every", "save_every",
-                     "eval_batch_size", "cache_dir", "device", "amp_dtype")
+                     "in_place_saves", "eval_batch_size", "cache_dir", "device", "amp_dtype")
 
 
 def build_parser():
@@ -89,6 +90,9 @@ def build_parser():
     p.add_argument("--log-every", type=positive(int), default=50, help="steps per log line")
     p.add_argument("--save-every", type=non_negative(int), default=0,
                    help="also write last.pt every N steps")
+    p.add_argument("--in-place-saves", action="store_true",
+                   help="for Google Drive: rewrite a spare file per checkpoint, never replace "
+                        "one (Drive's trash keeps every replaced file and counts it)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt in --output-dir")
     p.add_argument("--overwrite", action="store_true",
                    help="replace another run's best.pt and last.pt in --output-dir")
@@ -104,6 +108,8 @@ def prepare_output_dir(out_dir, args):
         raise UserError(f"--output-dir {out_dir}: not writable ({err})") from None
     for stale in out_dir.glob(".*.pt.*.tmp"):  # a run killed mid-write left it
         stale.unlink()
+    for name in ("best.pt", "last.pt"):  # a run killed between --in-place-saves' renames
+        recover_in_place(out_dir / name)
     if args.resume and not (out_dir / "last.pt").is_file():
         raise UserError(f"--resume: no last.pt in --output-dir {out_dir} to resume from")
     existing = [name for name in ("best.pt", "last.pt") if (out_dir / name).exists()]
@@ -113,9 +119,10 @@ def prepare_output_dir(out_dir, args):
                         f"it, or another --output-dir.")
 
 
-def check_room(out_dir, model):
-    # last.pt: the weights and AdamW's two moments (all fp32); best.pt: the weights; a temp copy.
-    need = sum(p.numel() for p in model.parameters()) * 4 * (3 + 1 + 1)
+def check_room(out_dir, model, in_place):
+    # last.pt: the weights and AdamW's two moments (all fp32); best.pt: the weights; a temp copy of
+    # last.pt, or with --in-place-saves a spare of each.
+    need = sum(p.numel() for p in model.parameters()) * 4 * (3 + 1 + (3 + 1 if in_place else 3))
     free = shutil.disk_usage(out_dir).free
     if free < need:
         raise UserError(f"--output-dir {out_dir}: {free / 2**20:,.0f} MiB free, checkpoints need "
@@ -347,7 +354,7 @@ def run(args, stop):
     model = TopicClassifier(encoder, len(class_names), args.dropout).to(device)
     if device.type == "cpu":
         speed_up_cpu_training(model)  # the same dropout, drawn faster; see cpu_speed.py
-    check_room(out_dir, model)
+    check_room(out_dir, model, args.in_place_saves)
     optimizer = make_optimizer(model, args)
     steps_per_epoch = math.ceil(math.ceil(len(train_ids) / args.batch_size) / args.grad_accum_steps)
     total_steps = steps_per_epoch * args.epochs
@@ -396,7 +403,7 @@ def run(args, stop):
                 log.check_finite(step)  # never a NaN into last.pt
                 state = training_state(optimizer, scheduler, scaler, batches_done, device)
                 save_checkpoint(make_checkpoint(model, run_info, epoch, step, best_acc, **state),
-                                out_dir / "last.pt")
+                                out_dir / "last.pt", args.in_place_saves)
             if stop.signum:  # Ctrl-C, a stop button or SIGTERM: last.pt now holds this very step
                 raise Stopped(stop.signum, step)
         batches_done = 0
@@ -407,11 +414,11 @@ def run(args, stop):
         if metrics["accuracy"] > best_acc:
             best_acc = metrics["accuracy"]
             save_checkpoint(make_checkpoint(model, run_info, epoch + 1, step, best_acc),
-                            out_dir / "best.pt")
+                            out_dir / "best.pt", args.in_place_saves)
             tqdm.write(f"saved {out_dir / 'best.pt'} (val accuracy {best_acc:.4f})")
         state = training_state(optimizer, scheduler, scaler, 0, device)
         save_checkpoint(make_checkpoint(model, run_info, epoch + 1, step, best_acc, **state),
-                        out_dir / "last.pt")
+                        out_dir / "last.pt", args.in_place_saves)
         if stop.signum:  # asked during the evaluation
             raise Stopped(stop.signum, step)
         log.restart_clock()  # evaluating and saving are not training throughput

@@ -80,4 +80,28 @@ def test_missing_gradio_is_a_clear_error_and_analytics_are_off(monkeypatch):
 
 def test_defaults_listen_on_localhost_only():
     args = app.parse_args(app.build_parser(), ["--ckpt", "x.pt"])
-    assert (args.host, args.port) == ("127.0.0.1", 7860)
+    assert (args.host, args.port, args.share) == ("127.0.0.1", None, False)
+
+
+@pytest.mark.parametrize("flags, public", [([], False), (["--share"], True)])
+def test_in_colab_a_cell_shows_the_app_and_a_public_link_needs_share(
+        flags, public, tiny_ckpt, monkeypatch, capsys):
+    import gradio
+    import gradio.networking
+
+    # Colab as gradio sees it (which alone would make it open a public link), and a notebook cell
+    monkeypatch.setattr(gradio.utils, "colab_check", lambda: True)
+    monkeypatch.setattr(app, "in_notebook", lambda: True)
+    tunnels = []
+    def no_tunnel(**kwargs):  # record the public link gradio would open, and open none
+        tunnels.append(kwargs)
+        raise ConnectionError("no network in tests")
+    monkeypatch.setattr(gradio.networking, "setup_tunnel", no_tunnel)
+    port = free_port()
+    demo = app.main(["--ckpt", str(tiny_ckpt), "--device", "cpu", "--port", str(port), *flags])
+    try:  # back at once, as a cell must be, with the page served
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        demo.close()
+    assert len(tunnels) == public
