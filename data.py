@@ -296,6 +296,25 @@ def batch_order(lengths, batch_size, shuffle, seed=0, epoch=0, group_by_length=T
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
+def step_batches(lengths, batch_size, world_size, accum_steps, seed, epoch, group_by_length):
+    """The rows of each optimizer step of an epoch -> steps[step][micro-batch] = row indices.
+
+    A step takes one global batch of batch_size x world_size x accum_steps rows from batch_order
+    (seeded, length-grouped), cut into accum_steps micro-batches of batch_size x world_size rows;
+    process r of world_size trains on micro_batch[r::world_size]. So every step sees the same rows
+    however they are split: 2 processes of 8, 1 of 16, or 1 of 8 accumulating 2. A micro-batch
+    with fewer rows than processes (at most the epoch's last world_size - 1 rows) is left out.
+    """
+    micro = batch_size * world_size
+    steps = []
+    for rows in batch_order(lengths, micro * accum_steps, True, seed, epoch, group_by_length):
+        micro_batches = [rows[i : i + micro] for i in range(0, len(rows), micro)]
+        micro_batches = [m for m in micro_batches if len(m) >= world_size]
+        if micro_batches:
+            steps.append(micro_batches)
+    return steps
+
+
 def collate(token_ids, rows, pad_id, pad_multiple=1):
     """Pad the given rows to their longest (rounded up to pad_multiple) -> input_ids,
     attention_mask (B, T)."""

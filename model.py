@@ -40,6 +40,11 @@ class TopicClassifier(nn.Module):
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
         nn.init.normal_(self.head.weight, std=getattr(encoder.config, "initializer_range", 0.02))
         nn.init.zeros_(self.head.bias)
+        # BERT's and RoBERTa's pooler (a dense layer over [CLS]) is not used: the head reads the
+        # first token's hidden state. Frozen, so that DistributedDataParallel, which waits for a
+        # gradient of every trainable parameter, does not wait for its.
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler.requires_grad_(False)
 
     def embed(self, input_ids, attention_mask):
         """(B, T) token ids -> (B, H): the first token's ([CLS] / <s>) last hidden state."""

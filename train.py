@@ -4,7 +4,10 @@
     %run train.py --epochs 3 --amp      # the same in a notebook
     main(["--epochs", "3", "--amp"])    # the same from a cell, once this file is pasted or imported
 
+    torchrun --standalone --nproc_per_node 2 train.py --epochs 3 --amp  # 2 GPUs: distributed.py
+
 run() reads top to bottom: setup, data, model and optimizer, resume, the loop, the final test.
+
 Ctrl-C, a notebook's stop button and SIGTERM stop it after the step in flight, with last.pt saved.
 """
 import argparse
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+import distributed
 from common import (
     Stopped,
     StopSignals,
@@ -36,13 +40,12 @@ from common import (
     pad_multiple,
     parse_args,
     pick_amp_dtype,
-    pick_device,
     positive,
     recover_in_place,
     to_device,
 )
 from cpu_speed import speed_up_cpu_training
-from data import batch_order, collate, file_md5, load_splits, tokenize_cached
+from data import collate, file_md5, load_splits, step_batches, tokenize_cached
 from model import (
     TopicClassifier,
     evaluate_model,
@@ -56,10 +59,12 @@ from model import (
 
 # The flags --resume lets differ from the run's: where it writes and logs, how it evaluates, and
 # the device (a run may move on: from a CPU to a GPU or back, its dropout masks then differ from an
-# unbroken run's). Every other flag must be the same. --amp-dtype is among them because "auto"
-# resolves by GPU (fp16 on a T4, bf16 on an A100): the resolved dtype is what resume() compares.
+# unbroken run's). Every other flag must be the same. resume() compares what these resolve to:
+# --amp-dtype "auto" gives fp16 on a T4 and bf16 on an A100; --batch-size (per process) and
+# --grad-accum-steps give, with the number of processes, the global batch.
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "log_every", "save_every",
-                     "in_place_saves", "eval_batch_size", "cache_dir", "device", "amp_dtype")
+                     "in_place_saves", "eval_batch_size", "cache_dir", "device", "amp_dtype",
+                     "batch_size", "grad_accum_steps")
 
 
 def build_parser():
@@ -69,7 +74,7 @@ def build_parser():
                    help="folder with train.csv, test.csv (downloaded if missing)")
     p.add_argument("--output-dir", default=".", help="where best.pt, last.pt and metrics.jsonl go")
     p.add_argument("--epochs", type=positive(int), default=3)
-    p.add_argument("--batch-size", type=positive(int), default=32)
+    p.add_argument("--batch-size", type=positive(int), default=32, help="per process")
     p.add_argument("--eval-batch-size", type=positive(int), default=128)
     p.add_argument("--lr", type=positive(float), default=2e-5)
     p.add_argument("--weight-decay", type=non_negative(float), default=0.01)
@@ -88,6 +93,10 @@ def build_parser():
     p.add_argument("--cache-dir", default=cache, help="where tokenized data is kept between runs")
     p.add_argument("--seed", type=non_negative(int), default=42)
     p.add_argument("--log-every", type=positive(int), default=50, help="steps per log line")
+    p.add_argument("--eval-every", type=non_negative(int), default=0,
+                   help="evaluate (and keep best.pt) every N steps; 0: at the end of each epoch")
+    p.add_argument("--patience", type=non_negative(int), default=0,
+                   help="stop after N evaluations without a better validation accuracy; 0: off")
     p.add_argument("--save-every", type=non_negative(int), default=0,
                    help="also write last.pt every N steps")
     p.add_argument("--in-place-saves", action="store_true",
@@ -131,7 +140,7 @@ def check_room(out_dir, model, in_place):
 
 def make_optimizer(model, args):
     # No weight decay on biases and LayerNorm weights (the BERT recipe): the 1-D parameters.
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())  # the frozen pooler's too: never a gradient, never a step
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     try:  # fused: one kernel updates every parameter (on CPUs since torch 2.4; faster there too)
@@ -140,24 +149,25 @@ def make_optimizer(model, args):
         return torch.optim.AdamW(groups, lr=args.lr)
 
 
-def training_state(optimizer, scheduler, scaler, batches_done, device):
-    """What last.pt adds to a checkpoint so that --resume continues exactly where the run was."""
+def training_state(optimizer, scheduler, scaler, batches_done, evals_since_best, device):
+    """What last.pt adds to a checkpoint so that --resume continues exactly where the run was.
+    Every process's random state (a collective call under torchrun)."""
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":  # dropout on the GPU draws from the training device's generator
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng, "batches_done": batches_done}
+            "scaler": scaler.state_dict(), "rng": distributed.gather(rng),
+            "batches_done": batches_done, "evals_since_best": evals_since_best}
 
 
-def rewind_metrics(path, step, evaluated):
+def rewind_metrics(path, step):
     """Drop the metrics.jsonl lines a killed run wrote after its last checkpoint: the resumed run
-    writes them again. An epoch-end checkpoint comes after that epoch's evaluation, a mid-epoch one
-    before it; the final test report comes after every checkpoint."""
+    writes them again. A checkpoint comes after its step's evaluation; the final test report comes
+    after every checkpoint."""
     if not path.is_file():
         return
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in records if r.get("split") != "test"
-            and (r["step"] < step or r["step"] == step and (r["type"] == "train" or evaluated))]
+    keep = [r for r in records if r.get("split") != "test" and r["step"] <= step]
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
@@ -167,11 +177,23 @@ def changed_flags(saved, args):
             for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
 
 
-def resume(path, args, run_info, model, optimizer, scheduler, scaler):
+def global_batch(config, world_size):
+    return (f"{config['batch_size']} rows x {world_size} processes x "
+            f"{config['grad_accum_steps']} accumulated = "
+            f"{config['batch_size'] * world_size * config['grad_accum_steps']}")
+
+
+def resume(path, args, run_info, model, optimizer, scheduler, scaler, rank):
     """Load last.pt into the model and optimizer -> (epoch, batches done in it, step, best val
-    accuracy)."""
+    accuracy, evaluations since the best)."""
     state = read_checkpoint(path)
     diffs = changed_flags(state["config"], args)
+    saved_world, world = state.get("world_size", 1), run_info["world_size"]
+    then, now = global_batch(state["config"], saved_world), global_batch(vars(args), world)
+    if then.split(" = ")[1] != now.split(" = ")[1]:
+        diffs.append(f"global batch: {then} then, {now} now. Each step's rows and the LR schedule "
+                     f"follow it: match it with --batch-size, --grad-accum-steps and torchrun's "
+                     f"--nproc_per_node")
     if state.get("train_md5") != run_info["train_md5"]:
         diffs.append(f"train.csv: md5 {state.get('train_md5')} then, {run_info['train_md5']} now "
                      f"(the data changed)")
@@ -188,12 +210,19 @@ def resume(path, args, run_info, model, optimizer, scheduler, scaler):
         group["fused"] = this_machine  # without fused AdamW must not inherit fused=True
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and next(model.parameters()).is_cuda:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], next(model.parameters()).device)
-    rewind_metrics(path.parent / "metrics.jsonl", state["step"], state["batches_done"] == 0)
-    print(f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
-    return state["epoch"], state["batches_done"], state["step"], state["best_metric"]["value"]
+    # This process's random state. With another number of processes (the same global batch: the
+    # same rows at every step) dropout masks differ from an unbroken run's, as on another device.
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one: before DDP
+    if rank < len(rngs):
+        torch.set_rng_state(rngs[rank]["torch"])
+        if "cuda" in rngs[rank] and next(model.parameters()).is_cuda:
+            torch.cuda.set_rng_state(rngs[rank]["cuda"], next(model.parameters()).device)
+    if rank == 0:
+        rewind_metrics(path.parent / "metrics.jsonl", state["step"])
+    print(f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}"
+          + (f" ({saved_world} processes then, {world} now)" if saved_world != world else ""))
+    return (state["epoch"], state["batches_done"], state["step"], state["best_metric"]["value"],
+            state.get("evals_since_best", 0))
 
 
 def warn_if_slow(seconds_per_step, steps_left):
@@ -207,15 +236,16 @@ def warn_if_slow(seconds_per_step, steps_left):
 
 class TrainingLog:
     """What the loop reports, kept out of it: the progress bar; every --log-every steps one line
-    with loss, lr and throughput, to the terminal and to metrics.jsonl; the NaN/Inf check; and the
-    slow-CPU warning."""
+    with loss, lr and throughput (of all processes), to the terminal and to metrics.jsonl; the
+    NaN/Inf check; and the slow-CPU warning. Under torchrun, rank 0 alone writes and shows them."""
 
-    def __init__(self, path, args, train_lengths, total_steps, step, device, fp16):
-        if not args.resume:
+    def __init__(self, path, args, train_lengths, total_steps, step, device, fp16, rank):
+        self.writes = rank == 0
+        if self.writes and not args.resume:
             path.write_text("")
         self.path, self.out_dir = path, path.parent
         self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
-                        dynamic_ncols=True)
+                        dynamic_ncols=True, disable=not self.writes)
         self.log_every, self.lengths, self.total_steps = args.log_every, train_lengths, total_steps
         self.first_step, self.device, self.fp16 = step, device, fp16
         # Summed on the device and read (a sync) only at a log line: the loss, and the steps whose
@@ -247,9 +277,11 @@ class TrainingLog:
             loss_sum, skipped = self.check_finite(step)
             loss = loss_sum / (self.steps - skipped) if self.steps > skipped else math.nan
             seconds = time.perf_counter() - self.start  # after check_finite's sync: work done
-            samples_per_s = self.samples / seconds
+            samples, tokens = distributed.sum_over_ranks(
+                torch.tensor([self.samples, self.tokens], device=self.device)).tolist()
+            samples_per_s = samples / seconds
             self.write({"type": "train", "epoch": epoch + 1, "step": step, "loss": loss, "lr": lr,
-                        "samples_per_s": samples_per_s, "tokens_per_s": self.tokens / seconds,
+                        "samples_per_s": samples_per_s, "tokens_per_s": tokens / seconds,
                         "window_s": seconds, **({"skipped_steps": skipped} if self.fp16 else {})})
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                                  samples_s=f"{samples_per_s:.1f}")
@@ -265,7 +297,10 @@ class TrainingLog:
         """-> the loss summed since the last log line and, with fp16, the steps the GradScaler
         skipped. In fp32 or bf16, stops the run on a NaN/Inf loss or gradient before it reaches a
         checkpoint."""
-        loss_sum, nonfinite = self.loss_sum.item(), self.nonfinite.item()
+        # Each process's loss is its share of the global mean, times the number of processes.
+        loss_sum = (distributed.sum_over_ranks(self.loss_sum.clone()).item()
+                    / distributed.world_size())
+        nonfinite = self.nonfinite.item()  # the same on every process: gradients are averaged
         if self.fp16:
             return loss_sum, nonfinite
         if not math.isfinite(loss_sum) or nonfinite:
@@ -285,8 +320,9 @@ class TrainingLog:
         self.start = time.perf_counter()
 
     def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.writes:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def close(self):
         self.bar.close()
@@ -310,84 +346,111 @@ def stop_message(stopped, phase, out_dir, argv):
     return f"{name}: stopped at step {stopped.step}; {last} holds it. Resume: {again}"
 
 
+def validate(model, val_ids, val_labels, pad_id, device, amp_dtype, args, rank):
+    """Rank 0 scores every validation row once; every process gets its metrics."""
+    metrics = None
+    if rank == 0:
+        metrics, _ = evaluate_model(model, val_ids, val_labels, pad_id, device, amp_dtype,
+                                    args.eval_batch_size)
+    return distributed.broadcast(metrics)
+
+
 def main(argv=None):
     args = parse_args(build_parser(), argv)
-    with StopSignals() as stop:  # Ctrl-C, a notebook's stop button, SIGTERM: see common.py
-        try:
-            return run(args, stop)
-        except Stopped as stopped:
-            print(stop_message(stopped, stop.phase, Path(args.output_dir), argv))
-            if in_notebook():
-                raise  # the cell ends there, without a traceback: Run all goes no further
-            raise SystemExit(128 + stopped.signum) from None
+    rank, world, device = distributed.init(args.device)  # torchrun's process, or the only one
+    try:
+        # Ctrl-C, the stop button, SIGTERM: see common.py. Under torchrun rank 0 alone prints.
+        with StopSignals() as stop, distributed.print_on_rank_zero():
+            try:
+                return run(args, stop, rank, world, device)
+            except Stopped as stopped:
+                print(stop_message(stopped, stop.phase, Path(args.output_dir), argv))
+                if in_notebook():
+                    raise  # the cell ends there, without a traceback: Run all goes no further
+                raise SystemExit(128 + stopped.signum) from None
+    finally:
+        distributed.finish()
 
 
-def run(args, stop):
+def run(args, stop, rank, world, device):
     # ---- setup
     out_dir = Path(args.output_dir)
-    prepare_output_dir(out_dir, args)
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    if rank == 0:
+        prepare_output_dir(out_dir, args)
+    torch.manual_seed(args.seed + rank)  # rank 0's weights start every process (DDP)
     amp_dtype = pick_amp_dtype(device, args.amp, args.amp_dtype)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; weights stay fp32
-    env = environment(device, amp_dtype)
+    env = {**environment(device, amp_dtype), "processes": world}
     print(json.dumps({"config": vars(args), "env": env}, indent=1))
 
     # ---- data: read, clean, split, tokenize once (each batch is padded to its longest row later)
-    class_names, (train_texts, train_labels), (val_texts, val_labels), (test_texts, test_labels) = \
-        load_splits(args.data_dir, args.val_size, args.seed, args.max_train_samples)
-    encoder, tokenizer = load_pretrained(args.model)
-    limit = model_max_length(tokenizer, encoder.config)
-    if args.max_length > limit:
-        raise UserError(f"--max-length {args.max_length}: {args.model} takes at most {limit} "
-                        f"tokens")
-    train_ids, val_ids, test_ids = (
-        tokenize_cached(tokenizer, texts, args.max_length, Path(args.cache_dir).expanduser())
-        for texts in (train_texts, val_texts, test_texts))
+    with distributed.rank_zero_first():  # one download, one tokenizer cache
+        class_names, (train_texts, train_labels), (val_texts, val_labels), \
+            (test_texts, test_labels) = load_splits(args.data_dir, args.val_size, args.seed,
+                                                    args.max_train_samples)
+        encoder, tokenizer = load_pretrained(args.model)
+        limit = model_max_length(tokenizer, encoder.config)
+        if args.max_length > limit:
+            raise UserError(f"--max-length {args.max_length}: {args.model} takes at most {limit} "
+                            f"tokens")
+        train_ids, val_ids, test_ids = (
+            tokenize_cached(tokenizer, texts, args.max_length, Path(args.cache_dir).expanduser())
+            for texts in (train_texts, val_texts, test_texts))
     train_lengths, train_labels = [len(ids) for ids in train_ids], torch.tensor(train_labels)
     pad_id, multiple = tokenizer.pad_token_id, pad_multiple(device, amp_dtype)
     print(f"train {len(train_ids)} rows, val {len(val_ids)}, test {len(test_ids)}; mean train "
-          f"length {sum(train_lengths) / len(train_lengths):.1f} tokens; classes {class_names}")
+          f"length {sum(train_lengths) / len(train_lengths):.1f} tokens; classes {class_names}; "
+          f"global batch {global_batch(vars(args), world)}")
 
     # ---- model, optimizer, schedule, and what every checkpoint of this run holds
     model = TopicClassifier(encoder, len(class_names), args.dropout).to(device)
     if device.type == "cpu":
         speed_up_cpu_training(model)  # the same dropout, drawn faster; see cpu_speed.py
-    check_room(out_dir, model, args.in_place_saves)
+    if rank == 0:
+        check_room(out_dir, model, args.in_place_saves)
     optimizer = make_optimizer(model, args)
-    steps_per_epoch = math.ceil(math.ceil(len(train_ids) / args.batch_size) / args.grad_accum_steps)
-    total_steps = steps_per_epoch * args.epochs
+    def plan(epoch):  # [step][micro-batch] -> the rows of all processes
+        return step_batches(train_lengths, args.batch_size, world, args.grad_accum_steps,
+                            args.seed, epoch, args.group_by_length)
+    total_steps = len(plan(0)) * args.epochs
     warmup_steps = round(args.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 only
     run_info = {"tokenizer_files": tokenizer_files(tokenizer), "class_names": class_names,
                 "max_length": args.max_length, "config": vars(args), "amp_dtype": str(amp_dtype),
-                "train_md5": file_md5(Path(args.data_dir) / "train.csv")}
-    start_epoch, batches_done, step, best_acc = 0, 0, 0, -1.0
+                "train_md5": file_md5(Path(args.data_dir) / "train.csv"), "world_size": world}
+    start_epoch, start_batch, step, best_acc, evals_since_best = 0, 0, 0, -1.0, 0
     if args.resume:
-        start_epoch, batches_done, step, best_acc = resume(
-            out_dir / "last.pt", args, run_info, model, optimizer, scheduler, scaler)
-    (out_dir / "config.json").write_text(json.dumps({"config": vars(args), "env": env}, indent=1))
+        start_epoch, start_batch, step, best_acc, evals_since_best = resume(
+            out_dir / "last.pt", args, run_info, model, optimizer, scheduler, scaler, rank)
+    if rank == 0:
+        (out_dir / "config.json").write_text(json.dumps({"config": vars(args), "env": env},
+                                                        indent=1))
+    out_of_patience = bool(args.patience) and evals_since_best >= args.patience
 
-    # ---- the loop: micro-batches -> clip -> step -> log; evaluate and checkpoint each epoch
+    # ---- the loop: micro-batches -> clip -> step -> log; evaluate, checkpoint, stop
     log = TrainingLog(out_dir / "metrics.jsonl", args, train_lengths, total_steps, step, device,
-                      fp16=scaler.is_enabled())
+                      fp16=scaler.is_enabled(), rank=rank)
+    train_model = distributed.wrap(model, device)  # under torchrun: averages the gradients
     model.train()
     stop.phase = "training"  # from here a stop waits for the step in flight, then saves it
-    for epoch in range(start_epoch, args.epochs):
-        batches = batch_order(train_lengths, args.batch_size, True, args.seed, epoch,
-                              args.group_by_length)
-        for first in range(batches_done, len(batches), args.grad_accum_steps):
-            micro_batches = batches[first : first + args.grad_accum_steps]
-            for rows in micro_batches:
+    for epoch in range(start_epoch, 0 if out_of_patience else args.epochs):  # 0: ran out before
+        steps = plan(epoch)
+        for batch, micro_batches in enumerate(steps[start_batch:], start=start_batch + 1):
+            step_rows = sum(len(rows) for rows in micro_batches)  # of all processes
+            for i, rows in enumerate(micro_batches):
+                rows = rows[rank::world]  # this process's share
                 input_ids, attention_mask, targets = to_device(  # (B, T), (B, T), (B,)
                     [*collate(train_ids, rows, pad_id, multiple), train_labels[rows]], device)
-                with autocast(device, amp_dtype):
-                    logits = model(input_ids, attention_mask)  # (B, num_classes)
-                # The loss in fp32, divided so the summed gradients are the mean over the step.
-                loss = F.cross_entropy(logits.float(), targets) / len(micro_batches)
-                scaler.scale(loss).backward()  # fp16: scaled up so small gradients don't underflow
+                with distributed.sync_unless(train_model, i == len(micro_batches) - 1):
+                    with autocast(device, amp_dtype):
+                        logits = train_model(input_ids, attention_mask)  # (B, num_classes)
+                    # In fp32, summed and divided by the step's rows (times the processes, whose
+                    # gradients DDP averages): the gradient of the mean loss over the global batch.
+                    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+                    loss = loss * world / step_rows
+                    scaler.scale(loss).backward()  # fp16: scaled up so gradients don't underflow
                 log.micro_batch(loss, rows)
             scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -397,33 +460,49 @@ def run(args, stop):
             lr = scheduler.get_last_lr()[0]  # the LR this step used
             scheduler.step()  # every step, skipped or not, so the schedule ends at total_steps
             step += 1
-            batches_done = first + len(micro_batches)
-            log.step(step, epoch, lr, grad_norm, end_of_epoch=batches_done == len(batches))
-            if args.save_every and step % args.save_every == 0 or stop.signum:
-                log.check_finite(step)  # never a NaN into last.pt
-                state = training_state(optimizer, scheduler, scaler, batches_done, device)
-                save_checkpoint(make_checkpoint(model, run_info, epoch, step, best_acc, **state),
-                                out_dir / "last.pt", args.in_place_saves)
-            if stop.signum:  # Ctrl-C, a stop button or SIGTERM: last.pt now holds this very step
-                raise Stopped(stop.signum, step)
-        batches_done = 0
+            end_of_epoch = batch == len(steps)
+            log.step(step, epoch, lr, grad_norm, end_of_epoch)
 
-        metrics, _ = evaluate_model(model, val_ids, val_labels, pad_id, device, amp_dtype,
-                                    args.eval_batch_size)
-        log.evaluation("val", step, metrics, epoch)
-        if metrics["accuracy"] > best_acc:
-            best_acc = metrics["accuracy"]
-            save_checkpoint(make_checkpoint(model, run_info, epoch + 1, step, best_acc),
-                            out_dir / "best.pt", args.in_place_saves)
-            tqdm.write(f"saved {out_dir / 'best.pt'} (val accuracy {best_acc:.4f})")
-        state = training_state(optimizer, scheduler, scaler, 0, device)
-        save_checkpoint(make_checkpoint(model, run_info, epoch + 1, step, best_acc, **state),
-                        out_dir / "last.pt", args.in_place_saves)
-        if stop.signum:  # asked during the evaluation
-            raise Stopped(stop.signum, step)
-        log.restart_clock()  # evaluating and saving are not training throughput
+            evaluate_now = (step % args.eval_every == 0 or step == total_steps if args.eval_every
+                            else end_of_epoch)
+            if evaluate_now:
+                metrics = validate(model, val_ids, val_labels, pad_id, device, amp_dtype, args,
+                                   rank)
+                log.evaluation("val", step, metrics, epoch)
+                evals_since_best += 1
+                if metrics["accuracy"] > best_acc:
+                    best_acc, evals_since_best = metrics["accuracy"], 0
+                    if rank == 0:
+                        save_checkpoint(make_checkpoint(model, run_info, epoch + end_of_epoch,
+                                                        step, best_acc),
+                                        out_dir / "best.pt", args.in_place_saves)
+                        tqdm.write(f"saved {out_dir / 'best.pt'} (val accuracy {best_acc:.4f})")
+                out_of_patience = bool(args.patience) and evals_since_best >= args.patience
+                log.restart_clock()  # evaluating and saving are not training throughput
+            signum = distributed.agree_on_stop(stop.signum)  # the same step on every process
+            if (evaluate_now or end_of_epoch or args.save_every and step % args.save_every == 0
+                    or signum or out_of_patience):
+                log.check_finite(step)  # never a NaN into last.pt
+                epochs_done, batches_done = (epoch + 1, 0) if end_of_epoch else (epoch, batch)
+                state = training_state(optimizer, scheduler, scaler, batches_done,
+                                       evals_since_best, device)
+                if rank == 0:
+                    save_checkpoint(make_checkpoint(model, run_info, epochs_done, step, best_acc,
+                                                    **state),
+                                    out_dir / "last.pt", args.in_place_saves)
+            if signum:  # Ctrl-C, a stop button or SIGTERM: last.pt now holds this very step
+                raise Stopped(signum, step)
+            if out_of_patience:
+                tqdm.write(f"--patience {args.patience}: no better validation accuracy in "
+                           f"{args.patience} evaluations; stopping")
+                break
+        start_batch = 0
+        if out_of_patience:
+            break
     log.close()
     stop.phase = "test"
+    if rank != 0:
+        return None
 
     # ---- final report: the best checkpoint on the held-out test set
     model.load_state_dict(read_checkpoint(out_dir / "best.pt")["model"])

@@ -27,9 +27,13 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer, 32-wide random BERT with its own vocab, saved like a hub model (config, weights,
     tokenizer)."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def save_tiny_bert(folder, **config):
+    """The tiny BERT of tiny_model_dir in folder, its config changed by **config."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
     vocab = SPECIAL + sorted({w for words in TOPIC_WORDS for w in words} | set(COMMON_WORDS))
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     # A vocab.txt plus this is how bert-base-uncased ships its tokenizer; AutoTokenizer builds the
@@ -39,7 +43,8 @@ def tiny_model_dir(tmp_path_factory):
         json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
     AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        **config)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)
     return folder

@@ -6,7 +6,7 @@ SIGNAL: KILL (no clean-up of any kind), INT (Ctrl-C) or TERM. POINT:N: step:N, i
 optimizer step, between backward and the update; eval:N, as the N-th evaluation starts;
 write:N, halfway through writing the N-th checkpoint file (best.pt or last.pt; with KILL the file
 stays half written, with another signal the write then goes on). Each POINT counts its own
-calls.
+calls. Under torchrun, rank:R sends the signal in that process alone.
 """
 import io
 import os
@@ -49,6 +49,8 @@ def write_with_signal_halfway(obj, f):
     f.write(buffer.getvalue()[len(buffer.getvalue()) // 2 :])
 
 
+if points.pop("rank", os.environ.get("RANK")) != os.environ.get("RANK"):
+    points = {}  # another process of the torchrun
 if "step" in points:
     torch.nn.utils.clip_grad_norm_ = signal_on_nth(torch.nn.utils.clip_grad_norm_, points["step"])
 if "eval" in points:

@@ -346,3 +346,55 @@ def test_a_kill_between_in_place_renames_resumes_from_the_newer_file(
     assert resumed == straight
     assert sorted(p.name for p in (tmp_path / "b").glob("*.pt*")) == [
         ".last.pt.spare", "best.pt", "last.pt"]  # one best.pt save: no spare yet
+
+
+def val_steps(out_dir):
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r.get("split") == "val"]
+
+
+def test_eval_every_evaluates_every_n_steps_and_at_the_last(tiny_model_dir, tiny_data_dir,
+                                                            tmp_path):
+    # 256 rows / 16 = 16 steps an epoch, 32 in all
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 2,
+                         "--eval-every", 5))
+    assert val_steps(tmp_path) == [5, 10, 15, 20, 25, 30, 32]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r.get("split") == "val"]
+    best = max(val, key=lambda r: r["accuracy"])  # the first of the best
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert (saved["step"], saved["best_metric"]["value"]) == (best["step"], best["accuracy"])
+
+
+def test_patience_stops_the_run_with_its_test_report_and_survives_resume(
+        tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
+    # An LR too small to change a prediction: the first evaluation stays the best
+    flags = ("--epochs", 3, "--eval-every", 4, "--patience", 2, "--lr", 1e-12)
+    result = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
+    assert val_steps(tmp_path / "a") == [4, 8, 12]
+    assert "--patience 2: no better validation accuracy in 2 evaluations" in capsys.readouterr().out
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["step"] == 12
+    assert json.loads((tmp_path / "a" / "test_metrics.json").read_text())["test_accuracy"] == \
+        result["test_accuracy"]
+    # resumed once it stopped: the report again, no more training
+    assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags,
+                                "--resume")) == result
+    assert val_steps(tmp_path / "a") == [4, 8, 12]
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["step"] == 12
+
+    # killed after the evaluation of step 8 (one without a better accuracy): the resumed run
+    # remembers it and stops at step 12 as well
+    real_save, saves = train.save_checkpoint, []
+    def save_then_crash(state, path, in_place=False):
+        real_save(state, path, in_place)
+        saves.append(path.name)
+        if saves.count("last.pt") == 2:
+            raise Crash
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["evals_since_best"] == 1
+    assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
+                                "--resume")) == result
+    assert val_steps(tmp_path / "b") == [4, 8, 12]

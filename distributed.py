@@ -1,0 +1,119 @@
+"""Data-parallel training under torchrun: one process per GPU (nccl), or per CPU process (gloo).
+
+    torchrun --standalone --nproc_per_node 2 train.py --epochs 3 --amp
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them (`python train.py`, a notebook cell)
+every function here is a no-op for a world of one process. Rank 0 evaluates, writes the files and
+prints; every rank trains on its share of each global batch, and DistributedDataParallel averages
+the gradients.
+"""
+import os
+from contextlib import contextmanager, nullcontext, redirect_stdout
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from common import UserError, pick_device
+
+_flags_group = None  # gloo: the per-step stop flag is agreed on the CPU, never a GPU sync
+
+
+def init(device_flag):
+    """-> (rank, world_size, device). Under torchrun: joins the process group, one GPU per
+    LOCAL_RANK (nccl), or the CPU (gloo) with --device cpu or on a machine without GPUs."""
+    global _flags_group
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_flag)
+    if device_flag not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device {device_flag}: under torchrun each process takes the GPU of "
+                        f"its LOCAL_RANK; pass --device cuda (or cpu)")
+    use_cuda = device_flag != "cpu" and torch.cuda.is_available()
+    if device_flag == "cuda" and not use_cuda:
+        raise UserError("--device cuda: no CUDA GPU is available")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    _flags_group = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def finish():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model, device):
+    """DistributedDataParallel around the model under torchrun (it starts every rank from rank
+    0's weights), else the model itself."""
+    if not dist.is_initialized():
+        return model
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def sync_unless(train_model, last_micro_batch):
+    """DDP all-reduces the gradients in backward: on the step's last micro-batch only."""
+    if isinstance(train_model, DistributedDataParallel) and not last_micro_batch:
+        return train_model.no_sync()
+    return nullcontext()
+
+
+@contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block first (a download, a tokenizer cache) and the others then find it
+    done."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and dist.get_rank() == 0:
+        dist.barrier()
+
+
+@contextmanager
+def print_on_rank_zero():
+    """The other ranks' prints go nowhere: one log, not one per process."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+        yield
+
+
+def broadcast(value):
+    """Rank 0's value (any picklable object) on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value):
+    """[every rank's value], in rank order."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def sum_over_ranks(tensor):
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def agree_on_stop(signum):
+    """A stop signal any rank received (the largest signal number), or 0: every rank stops at the
+    same step, so none waits forever in a collective the others left."""
+    if not dist.is_initialized():
+        return signum or 0
+    flag = torch.tensor([signum or 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_flags_group)
+    return int(flag)
