@@ -8,7 +8,7 @@ prints; every rank trains on its share of each global batch, and DistributedData
 the gradients.
 """
 import os
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 
 import torch
 import torch.distributed as dist
@@ -77,11 +77,12 @@ def rank_zero_first():
 
 @contextmanager
 def print_on_rank_zero():
-    """The other ranks' prints go nowhere: one log, not one per process."""
+    """The other ranks' output (prints, warnings) goes nowhere: one log, not one per process. An
+    error that ends a process is still shown: it is printed after this block."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         yield
         return
-    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull), redirect_stderr(devnull):
         yield
 
 

@@ -328,14 +328,15 @@ class TrainingLog:
         self.bar.close()
 
 
-def stop_message(stopped, phase, out_dir, argv):
+def stop_message(stopped, phase, out_dir, argv, world):
     """One line for a run the user stopped: where, and the command that resumes it."""
     name = signal.Signals(stopped.signum).name
     flags = [str(a) for a in argv or []]
     flags += [] if "--resume" in flags else ["--resume"]
     # pasted into a cell (or %run), main is the notebook's own; imported, it is train.main
     call = f"{'import train; train.' if __name__ == 'train' else ''}main({flags!r})"
-    again = call if in_notebook() else f"python train.py {shlex.join(flags)}"
+    launch = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+    again = call if in_notebook() else f"{launch} train.py {shlex.join(flags)}"
     if phase == "setup":
         return f"{name}: stopped during the set-up, before the first step; nothing was saved"
     if phase == "test":
@@ -364,7 +365,7 @@ def main(argv=None):
             try:
                 return run(args, stop, rank, world, device)
             except Stopped as stopped:
-                print(stop_message(stopped, stop.phase, Path(args.output_dir), argv))
+                print(stop_message(stopped, stop.phase, Path(args.output_dir), argv, world))
                 if in_notebook():
                     raise  # the cell ends there, without a traceback: Run all goes no further
                 raise SystemExit(128 + stopped.signum) from None

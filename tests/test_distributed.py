@@ -147,3 +147,27 @@ def test_gradients_are_all_reduced_on_the_last_micro_batch_only():
             assert ddp.require_backward_grad_sync is syncs
     with distributed.sync_unless(torch.nn.Linear(1, 1), False):  # one process: nothing to skip
         pass
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:1", "--device cuda:1: under torchrun each process takes the GPU of its LOCAL_RANK"),
+    ("cuda", "--device cuda: no CUDA GPU is available")])
+def test_under_torchrun_a_device_flag_it_cannot_honour_is_refused(device, message, monkeypatch):
+    import distributed
+
+    monkeypatch.setenv("RANK", "0")  # as torchrun sets it; refused before joining any group
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=message):
+        distributed.init(device)
+
+
+def test_a_stop_signal_to_one_process_stops_all_at_the_same_step(no_dropout_model_dir,
+                                                                 tiny_data_dir, tmp_path):
+    # SIGTERM to rank 1 alone, in step 5: rank 0 hears of it at that step's end, both stop there
+    flags = tiny_args(no_dropout_model_dir, tiny_data_dir, tmp_path, *FLAGS, "--batch-size", 8)
+    stopped = torchrun(["TERM", "step:5", "rank:1", "--", *flags], "tests/killer.py", check=False)
+    assert stopped.returncode != 0
+    assert "SIGTERM: stopped at step 5" in stopped.stdout
+    assert "Resume: torchrun --nproc_per_node 2 train.py" in stopped.stdout
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 5

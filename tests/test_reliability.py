@@ -67,9 +67,9 @@ def poison_the_loss(monkeypatch, factor, at_call):
     """train.py's loss at its at_call-th micro-batch, multiplied by factor (nan, inf)."""
     real_cross_entropy, calls = train.F.cross_entropy, []
 
-    def poisoned(logits, targets):
+    def poisoned(logits, targets, **kwargs):
         calls.append(1)
-        loss = real_cross_entropy(logits, targets)
+        loss = real_cross_entropy(logits, targets, **kwargs)
         return loss * factor if len(calls) == at_call else loss
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
 
