@@ -45,22 +45,28 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_ends_with_the_same_weights(tiny_model_dir, tiny_data_dir, tmp_path,
-                                                         monkeypatch):
-    flags = ("--epochs", 2, "--save-every", 3, "--grad-accum-steps", 2)
-    straight = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
-
+def crash_after_second_last_pt(monkeypatch, flags):
+    """train.main(flags), ended by an exception right after its 2nd write of last.pt."""
     real_save, saves = train.save_checkpoint, []
-    # dies right after the 2nd mid-epoch last.pt (step 6 of epoch 1)
     def save_then_crash(state, path, in_place=False):
         real_save(state, path, in_place)
         saves.append(path.name)
         if saves.count("last.pt") == 2:
             raise Crash
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "save_checkpoint", save_then_crash)
+        with pytest.raises(Crash):
+            train.main(flags)
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                         monkeypatch):
+    flags = ("--epochs", 2, "--save-every", 3, "--grad-accum-steps", 2)
+    straight = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
+
+    # dies right after the 2nd mid-epoch last.pt (step 6 of epoch 1)
+    crash_after_second_last_pt(monkeypatch, tiny_args(tiny_model_dir, tiny_data_dir,
+                                                      tmp_path / "b", *flags))
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 6
     resumed = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
                                    "--resume"))
@@ -384,16 +390,8 @@ def test_patience_stops_the_run_with_its_test_report_and_survives_resume(
 
     # killed after the evaluation of step 8 (one without a better accuracy): the resumed run
     # remembers it and stops at step 12 as well
-    real_save, saves = train.save_checkpoint, []
-    def save_then_crash(state, path, in_place=False):
-        real_save(state, path, in_place)
-        saves.append(path.name)
-        if saves.count("last.pt") == 2:
-            raise Crash
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    crash_after_second_last_pt(monkeypatch, tiny_args(tiny_model_dir, tiny_data_dir,
+                                                      tmp_path / "b", *flags))
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["evals_since_best"] == 1
     assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
                                 "--resume")) == result
