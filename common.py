@@ -219,34 +219,3 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
-def in_place_names(path):
-    path = Path(path)
-    return path.with_name(f".{path.name}.spare"), path.with_name(f".{path.name}.aside")
-
-
-def save_in_place(obj, path):
-    """Like atomic_save, but no file is ever replaced or deleted: torch.save rewrites a spare file,
-    and renames swap it with path. For Google Drive, whose trash keeps every replaced file (and
-    counts it against the quota) while a rewrite only adds a revision, which does not count. The
-    cost: two files per checkpoint. A kill mid-write leaves path untouched; one between the renames
-    is undone by recover_in_place."""
-    spare, aside = in_place_names(path)
-    with open(spare, "wb") as f:  # an existing spare is truncated: the same file, new content
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.exists(path):
-        os.rename(path, aside)  # no target exists at any of these renames: nothing is replaced
-    os.rename(spare, path)
-    if os.path.exists(aside):
-        os.rename(aside, spare)
-
-
-def recover_in_place(path):
-    """Finish a save_in_place that a kill stopped between its renames (both files are whole)."""
-    spare, aside = in_place_names(path)
-    if aside.exists():
-        if not Path(path).exists():
-            os.rename(spare, path)  # the spare holds the newer checkpoint
-        os.rename(aside, spare)

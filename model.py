@@ -24,7 +24,6 @@ from common import (
     pad_multiple,
     pick_amp_dtype,
     pick_device,
-    save_in_place,
     to_device,
 )
 from data import batch_order, clean_text, collate, tokenize
@@ -149,9 +148,8 @@ def make_checkpoint(model, run_info, epoch, step, best_acc, **training_state):
             **training_state}
 
 
-def save_checkpoint(state, path, in_place=False):
-    # Never a half-written best.pt or last.pt, even on a kill mid-write; in_place: for Google Drive.
-    (save_in_place if in_place else atomic_save)(state, path)
+def save_checkpoint(state, path):
+    atomic_save(state, path)  # never a half-written best.pt or last.pt, even on a kill mid-write
 
 
 def read_checkpoint(path):

@@ -41,7 +41,6 @@ from common import (
     parse_args,
     pick_amp_dtype,
     positive,
-    recover_in_place,
     to_device,
 )
 from cpu_speed import speed_up_cpu_training
@@ -63,7 +62,7 @@ from model import (
 # --amp-dtype "auto" gives fp16 on a T4 and bf16 on an A100; --batch-size (per process) and
 # --grad-accum-steps give, with the number of processes, the global batch.
 RESUME_MAY_CHANGE = ("output_dir", "resume", "overwrite", "log_every", "save_every",
-                     "in_place_saves", "eval_batch_size", "cache_dir", "device", "amp_dtype",
+                     "eval_batch_size", "cache_dir", "device", "amp_dtype",
                      "batch_size", "grad_accum_steps")
 
 
@@ -99,9 +98,6 @@ def build_parser():
                    help="stop after N evaluations without a better validation accuracy; 0: off")
     p.add_argument("--save-every", type=non_negative(int), default=0,
                    help="also write last.pt every N steps")
-    p.add_argument("--in-place-saves", action="store_true",
-                   help="for Google Drive: rewrite a spare file per checkpoint, never replace "
-                        "one (Drive's trash keeps every replaced file and counts it)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt in --output-dir")
     p.add_argument("--overwrite", action="store_true",
                    help="replace another run's best.pt and last.pt in --output-dir")
@@ -117,8 +113,6 @@ def prepare_output_dir(out_dir, args):
         raise UserError(f"--output-dir {out_dir}: not writable ({err})") from None
     for stale in out_dir.glob(".*.pt.*.tmp"):  # a run killed mid-write left it
         stale.unlink()
-    for name in ("best.pt", "last.pt"):  # a run killed between --in-place-saves' renames
-        recover_in_place(out_dir / name)
     if args.resume and not (out_dir / "last.pt").is_file():
         raise UserError(f"--resume: no last.pt in --output-dir {out_dir} to resume from")
     existing = [name for name in ("best.pt", "last.pt") if (out_dir / name).exists()]
@@ -128,10 +122,10 @@ def prepare_output_dir(out_dir, args):
                         f"it, or another --output-dir.")
 
 
-def check_room(out_dir, model, in_place):
+def check_room(out_dir, model):
     # last.pt: the weights and AdamW's two moments (all fp32); best.pt: the weights; a temp copy of
-    # last.pt, or with --in-place-saves a spare of each.
-    need = sum(p.numel() for p in model.parameters()) * 4 * (3 + 1 + (3 + 1 if in_place else 3))
+    # last.pt while it is written.
+    need = sum(p.numel() for p in model.parameters()) * 4 * (3 + 1 + 3)
     free = shutil.disk_usage(out_dir).free
     if free < need:
         raise UserError(f"--output-dir {out_dir}: {free / 2**20:,.0f} MiB free, checkpoints need "
@@ -172,9 +166,11 @@ def rewind_metrics(path, step):
 
 
 def changed_flags(saved, args):
-    """The flags of args that differ from a saved run's config, as lines for an error message."""
-    return [f"--{k.replace('_', '-')}: {saved.get(k)!r} then, {v!r} now"
-            for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+    """The flags of args that differ from a saved run's config, as lines for an error message. A
+    flag newer than the run counts with its default."""
+    saved = {**vars(build_parser().parse_args([])), **saved}
+    return [f"--{k.replace('_', '-')}: {saved[k]!r} then, {v!r} now"
+            for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and saved[k] != v]
 
 
 def global_batch(config, world_size):
@@ -194,6 +190,17 @@ def resume(path, args, run_info, model, optimizer, scheduler, scaler, rank):
         diffs.append(f"global batch: {then} then, {now} now. Each step's rows and the LR schedule "
                      f"follow it: match it with --batch-size, --grad-accum-steps and torchrun's "
                      f"--nproc_per_node")
+    elif state.get("steps_per_epoch", run_info["steps_per_epoch"]) != run_info["steps_per_epoch"]:
+        diffs.append(f"steps per epoch: {state['steps_per_epoch']} then, "
+                     f"{run_info['steps_per_epoch']} now: with {world} processes the epoch's last "
+                     f"few rows split differently; resume with {saved_world}")
+    # Before torchrun support a step with --grad-accum-steps took other rows, and a save at an
+    # epoch's last step came before its evaluation: neither can be continued exactly.
+    if "world_size" not in state and (state["config"]["grad_accum_steps"] > 1
+                                      or state["batches_done"] == run_info["steps_per_epoch"]):
+        raise UserError(f"--resume: {path} was written by an older train.py, and this one cannot "
+                        f"continue it exactly; finish that run with the version that started it, "
+                        f"or start a new one")
     if state.get("train_md5") != run_info["train_md5"]:
         diffs.append(f"train.csv: md5 {state.get('train_md5')} then, {run_info['train_md5']} now "
                      f"(the data changed)")
@@ -347,6 +354,15 @@ def stop_message(stopped, phase, out_dir, argv, world):
     return f"{name}: stopped at step {stopped.step}; {last} holds it. Resume: {again}"
 
 
+def training_steps(plan, epochs, start_epoch, start_batch):
+    """From where the run is: (epoch, the step's number in it, whether it ends the epoch, its
+    micro-batches) for every optimizer step; plan(epoch) -> the epoch's steps."""
+    for epoch in range(start_epoch, epochs):
+        steps = plan(epoch)
+        for batch in range(start_batch if epoch == start_epoch else 0, len(steps)):
+            yield epoch, batch + 1, batch + 1 == len(steps), steps[batch]
+
+
 def validate(model, val_ids, val_labels, pad_id, device, amp_dtype, args, rank):
     """Rank 0 scores every validation row once; every process gets its metrics."""
     metrics = None
@@ -409,18 +425,19 @@ def run(args, stop, rank, world, device):
     if device.type == "cpu":
         speed_up_cpu_training(model)  # the same dropout, drawn faster; see cpu_speed.py
     if rank == 0:
-        check_room(out_dir, model, args.in_place_saves)
+        check_room(out_dir, model)
     optimizer = make_optimizer(model, args)
     def plan(epoch):  # [step][micro-batch] -> the rows of all processes
         return step_batches(train_lengths, args.batch_size, world, args.grad_accum_steps,
                             args.seed, epoch, args.group_by_length)
-    total_steps = len(plan(0)) * args.epochs
+    total_steps = len(plan(0)) * args.epochs  # every epoch has as many
     warmup_steps = round(args.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 only
     run_info = {"tokenizer_files": tokenizer_files(tokenizer), "class_names": class_names,
                 "max_length": args.max_length, "config": vars(args), "amp_dtype": str(amp_dtype),
-                "train_md5": file_md5(Path(args.data_dir) / "train.csv"), "world_size": world}
+                "train_md5": file_md5(Path(args.data_dir) / "train.csv"), "world_size": world,
+                "steps_per_epoch": len(plan(0))}
     start_epoch, start_batch, step, best_acc, evals_since_best = 0, 0, 0, -1.0, 0
     if args.resume:
         start_epoch, start_batch, step, best_acc, evals_since_best = resume(
@@ -436,69 +453,65 @@ def run(args, stop, rank, world, device):
     train_model = distributed.wrap(model, device)  # under torchrun: averages the gradients
     model.train()
     stop.phase = "training"  # from here a stop waits for the step in flight, then saves it
-    for epoch in range(start_epoch, 0 if out_of_patience else args.epochs):  # 0: ran out before
-        steps = plan(epoch)
-        for batch, micro_batches in enumerate(steps[start_batch:], start=start_batch + 1):
-            step_rows = sum(len(rows) for rows in micro_batches)  # of all processes
-            for i, rows in enumerate(micro_batches):
-                rows = rows[rank::world]  # this process's share
-                input_ids, attention_mask, targets = to_device(  # (B, T), (B, T), (B,)
-                    [*collate(train_ids, rows, pad_id, multiple), train_labels[rows]], device)
-                with distributed.sync_unless(train_model, i == len(micro_batches) - 1):
-                    with autocast(device, amp_dtype):
-                        logits = train_model(input_ids, attention_mask)  # (B, num_classes)
-                    # In fp32, summed and divided by the step's rows (times the processes, whose
-                    # gradients DDP averages): the gradient of the mean loss over the global batch.
-                    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-                    loss = loss * world / step_rows
-                    scaler.scale(loss).backward()  # fp16: scaled up so gradients don't underflow
-                log.micro_batch(loss, rows)
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]  # the LR this step used
-            scheduler.step()  # every step, skipped or not, so the schedule ends at total_steps
-            step += 1
-            end_of_epoch = batch == len(steps)
-            log.step(step, epoch, lr, grad_norm, end_of_epoch)
+    for epoch, batch, end_of_epoch, micro_batches in training_steps(plan, args.epochs,
+                                                                    start_epoch, start_batch):
+        if out_of_patience:  # in this run, or in the one resumed
+            break
+        step_rows = sum(len(rows) for rows in micro_batches)  # of all processes
+        for i, rows in enumerate(micro_batches):
+            rows = rows[rank::world]  # this process's share
+            input_ids, attention_mask, targets = to_device(  # (B, T), (B, T), (B,)
+                [*collate(train_ids, rows, pad_id, multiple), train_labels[rows]], device)
+            with distributed.sync_unless(train_model, i == len(micro_batches) - 1):
+                with autocast(device, amp_dtype):
+                    logits = train_model(input_ids, attention_mask)  # (B, num_classes)
+                # In fp32, summed and divided by the step's rows (times the processes, whose
+                # gradients DDP averages): the gradient of the mean loss over the global batch.
+                loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+                loss = loss * world / step_rows
+                scaler.scale(loss).backward()  # fp16: scaled up so gradients don't underflow
+            log.micro_batch(loss, rows)
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        scaler.step(optimizer)  # skipped by the scaler if fp16 gradients overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]  # the LR this step used
+        scheduler.step()  # every step, skipped or not, so the schedule ends at total_steps
+        step += 1
+        log.step(step, epoch, lr, grad_norm, end_of_epoch)
 
-            evaluate_now = (step % args.eval_every == 0 or step == total_steps if args.eval_every
-                            else end_of_epoch)
-            if evaluate_now:
-                metrics = validate(model, val_ids, val_labels, pad_id, device, amp_dtype, args,
-                                   rank)
-                log.evaluation("val", step, metrics, epoch)
-                evals_since_best += 1
-                if metrics["accuracy"] > best_acc:
-                    best_acc, evals_since_best = metrics["accuracy"], 0
-                    if rank == 0:
-                        save_checkpoint(make_checkpoint(model, run_info, epoch + end_of_epoch,
-                                                        step, best_acc),
-                                        out_dir / "best.pt", args.in_place_saves)
-                        tqdm.write(f"saved {out_dir / 'best.pt'} (val accuracy {best_acc:.4f})")
-                out_of_patience = bool(args.patience) and evals_since_best >= args.patience
-                log.restart_clock()  # evaluating and saving are not training throughput
-            signum = distributed.agree_on_stop(stop.signum)  # the same step on every process
-            if (evaluate_now or end_of_epoch or args.save_every and step % args.save_every == 0
-                    or signum or out_of_patience):
-                log.check_finite(step)  # never a NaN into last.pt
-                epochs_done, batches_done = (epoch + 1, 0) if end_of_epoch else (epoch, batch)
-                state = training_state(optimizer, scheduler, scaler, batches_done,
-                                       evals_since_best, device)
+        evaluate_now = (step % args.eval_every == 0 or step == total_steps if args.eval_every
+                        else end_of_epoch)
+        if evaluate_now:
+            metrics = validate(model, val_ids, val_labels, pad_id, device, amp_dtype, args,
+                               rank)
+            log.evaluation("val", step, metrics, epoch)
+            evals_since_best += 1
+            if metrics["accuracy"] > best_acc:
+                best_acc, evals_since_best = metrics["accuracy"], 0
                 if rank == 0:
-                    save_checkpoint(make_checkpoint(model, run_info, epochs_done, step, best_acc,
-                                                    **state),
-                                    out_dir / "last.pt", args.in_place_saves)
-            if signum:  # Ctrl-C, a stop button or SIGTERM: last.pt now holds this very step
-                raise Stopped(signum, step)
-            if out_of_patience:
-                tqdm.write(f"--patience {args.patience}: no better validation accuracy in "
-                           f"{args.patience} evaluations; stopping")
-                break
-        start_batch = 0
+                    epochs_done = epoch + end_of_epoch
+                    save_checkpoint(make_checkpoint(model, run_info, epochs_done, step, best_acc),
+                                    out_dir / "best.pt")
+                    tqdm.write(f"saved {out_dir / 'best.pt'} (val accuracy {best_acc:.4f})")
+            out_of_patience = bool(args.patience) and evals_since_best >= args.patience
+            log.restart_clock()  # evaluating and saving are not training throughput
+        signum = distributed.agree_on_stop(stop.signum)  # the same step on every process
+        if (evaluate_now or end_of_epoch or args.save_every and step % args.save_every == 0
+                or signum or out_of_patience):
+            log.check_finite(step)  # never a NaN into last.pt
+            epochs_done, batches_done = (epoch + 1, 0) if end_of_epoch else (epoch, batch)
+            state = training_state(optimizer, scheduler, scaler, batches_done,
+                                   evals_since_best, device)
+            if rank == 0:
+                save_checkpoint(make_checkpoint(model, run_info, epochs_done, step, best_acc,
+                                                **state), out_dir / "last.pt")
+        if signum:  # Ctrl-C, a stop button or SIGTERM: last.pt now holds this very step
+            raise Stopped(signum, step)
         if out_of_patience:
+            tqdm.write(f"--patience {args.patience}: no better validation accuracy in "
+                       f"{args.patience} evaluations; stopping")
             break
     log.close()
     stop.phase = "test"

@@ -131,6 +131,12 @@ def test_resuming_with_another_number_of_processes_keeps_the_global_batch(
     # the same 16 rows a step: accepted, and said
     train.main([*flags, "--batch-size", 16])
     assert "(2 processes then, 1 now)" in capsys.readouterr().out
+    # unless the epoch's last rows made another number of steps (a step of fewer rows than
+    # processes is left out): refused, as each step's place in the epoch would shift
+    state = torch.load(two / "last.pt", weights_only=True)
+    torch.save({**state, "steps_per_epoch": 17}, tmp_path / "last.pt")
+    with pytest.raises(UserError, match="steps per epoch: 17 then, 16 now"):
+        train.main([*flags, "--batch-size", 16])
 
 
 def test_gradients_are_all_reduced_on_the_last_micro_batch_only():

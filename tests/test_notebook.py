@@ -124,9 +124,7 @@ def test_colab_notebook_runs_end_to_end_then_again_after_a_restart(notebook_env,
     assert len(outputs(nb, "image/png")) == 3  # confusion matrix, embeddings, training curves
     text = outputs(nb)
     assert "best.pt: val accuracy" in text and "Sci/Tech" in text
-    # --in-place-saves: the spare that lets Drive keep one file per checkpoint, with no trash
-    assert {"best.pt", "last.pt", ".last.pt.spare", "confusion_test.png"} <= {
-        p.name for p in notebook_env.iterdir()}
+    assert {"best.pt", "last.pt", "confusion_test.png"} <= {p.name for p in notebook_env.iterdir()}
     # the app cell returned (a blocked cell would time out) with the page inline, and no public link
     assert any("<iframe" in html for html in outputs(nb, "text/html"))
     assert "public URL" not in text and "gradio.live" not in text

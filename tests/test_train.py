@@ -3,7 +3,6 @@ import os
 import stat
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,8 +47,8 @@ class Crash(Exception):
 def crash_after_second_last_pt(monkeypatch, flags):
     """train.main(flags), ended by an exception right after its 2nd write of last.pt."""
     real_save, saves = train.save_checkpoint, []
-    def save_then_crash(state, path, in_place=False):
-        real_save(state, path, in_place)
+    def save_then_crash(state, path):
+        real_save(state, path)
         saves.append(path.name)
         if saves.count("last.pt") == 2:
             raise Crash
@@ -291,69 +290,6 @@ def test_resume_compares_the_resolved_precision_not_the_flags_spelling(tiny_mode
                                 "--amp-dtype", "bf16")) == first
 
 
-def watch_for_replaced_files(folder, monkeypatch):
-    """-> a list that collects every rename onto an existing file and every deletion in folder: on
-    Google Drive each of those puts a whole file in the trash, which counts against the quota."""
-    trashed = []
-    for name in ("rename", "replace", "remove", "unlink"):
-        real = getattr(os, name)
-        def watched(src, dst=None, *args, _real=real, _name=name, **kwargs):
-            target = Path(src if dst is None else dst)
-            if target.parent == folder and target.exists():
-                trashed.append((_name, target.name))
-            return _real(src, *args, **kwargs) if dst is None else _real(src, dst, *args, **kwargs)
-        monkeypatch.setattr(os, name, watched)
-    return trashed
-
-
-def test_in_place_saves_never_replace_a_file_and_resume_the_same(tiny_model_dir, tiny_data_dir,
-                                                                  tmp_path, monkeypatch):
-    flags = ("--epochs", 2, "--save-every", 2)
-    straight = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
-    trashed = watch_for_replaced_files(tmp_path / "a", monkeypatch)
-    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags, "--overwrite"))
-    assert ("replace", "last.pt") in trashed  # the watch sees the default write-then-replace
-
-    trashed = watch_for_replaced_files(tmp_path / "b", monkeypatch)
-    in_place = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
-                                    "--in-place-saves"))
-    assert trashed == [] and in_place == straight
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
-        ".best.pt.spare", ".last.pt.spare", "best.pt", "config.json", "last.pt", "metrics.jsonl",
-        "test_metrics.json"]
-    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.parametrize("killed_at_rename", [3, 4])
-def test_a_kill_between_in_place_renames_resumes_from_the_newer_file(
-        killed_at_rename, tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
-    flags = ("--epochs", 1, "--save-every", 2, "--in-place-saves")
-    straight = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
-    # last.pt's renames: step 2 saves with 1 (spare -> last.pt); step 4 with 3: #2 last.pt ->
-    # aside, #3 spare -> last.pt, #4 aside -> spare. Die before #3 (no last.pt) or before #4.
-    real_rename, renames = os.rename, []
-    def rename_then_die(src, dst):
-        if "last.pt" in Path(dst).name:
-            renames.append(dst)
-            if len(renames) == killed_at_rename:
-                raise Crash
-        real_rename(src, dst)
-    monkeypatch.setattr(os, "rename", rename_then_die)
-    with pytest.raises(Crash):
-        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags))
-    monkeypatch.setattr(os, "rename", real_rename)
-    assert (tmp_path / "b" / ".last.pt.aside").exists()
-    assert (tmp_path / "b" / "last.pt").exists() == (killed_at_rename == 4)
-    resumed = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
-                                   "--resume"))
-    assert "epoch 1, step 4\n" in capsys.readouterr().out  # the newer of the two whole files
-    assert resumed == straight
-    assert sorted(p.name for p in (tmp_path / "b").glob("*.pt*")) == [
-        ".last.pt.spare", "best.pt", "last.pt"]  # one best.pt save: no spare yet
-
-
 def val_steps(out_dir):
     lines = (out_dir / "metrics.jsonl").read_text().splitlines()
     return [r["step"] for r in map(json.loads, lines) if r.get("split") == "val"]
@@ -396,3 +332,28 @@ def test_patience_stops_the_run_with_its_test_report_and_survives_resume(
     assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
                                 "--resume")) == result
     assert val_steps(tmp_path / "b") == [4, 8, 12]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_last_pt_from_before_torchrun_support(accumulate, tiny_model_dir, tiny_data_dir,
+                                                tmp_path, monkeypatch):
+    flags = ("--epochs", 2, "--save-every", 3, "--grad-accum-steps", accumulate)
+    straight = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
+    crash_after_second_last_pt(monkeypatch, tiny_args(tiny_model_dir, tiny_data_dir,
+                                                      tmp_path / "b", *flags))
+    # last.pt as the older train.py wrote it: one random state, none of the newer keys and flags
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for key in ("world_size", "steps_per_epoch", "evals_since_best"):
+        del state[key]
+    for flag in ("eval_every", "patience"):
+        del state["config"][flag]
+    state["rng"] = state["rng"][0]
+    torch.save(state, tmp_path / "b" / "last.pt")
+    resume = tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags, "--resume")
+    if accumulate > 1:  # its steps took other rows: refused, not continued wrongly
+        with pytest.raises(UserError, match="written by an older train.py"):
+            train.main(resume)
+        return
+    assert train.main(resume) == straight
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
