@@ -218,4 +218,3 @@ def atomic_save(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-

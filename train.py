@@ -174,9 +174,10 @@ def changed_flags(saved, args):
 
 
 def global_batch(config, world_size):
-    return (f"{config['batch_size']} rows x {world_size} processes x "
-            f"{config['grad_accum_steps']} accumulated = "
-            f"{config['batch_size'] * world_size * config['grad_accum_steps']}")
+    """-> (rows per optimizer step, how they come about)."""
+    rows = config["batch_size"] * world_size * config["grad_accum_steps"]
+    return rows, (f"{config['batch_size']} rows x {world_size} processes x "
+                  f"{config['grad_accum_steps']} accumulated = {rows}")
 
 
 def resume(path, args, run_info, model, optimizer, scheduler, scaler, rank):
@@ -185,8 +186,9 @@ def resume(path, args, run_info, model, optimizer, scheduler, scaler, rank):
     state = read_checkpoint(path)
     diffs = changed_flags(state["config"], args)
     saved_world, world = state.get("world_size", 1), run_info["world_size"]
-    then, now = global_batch(state["config"], saved_world), global_batch(vars(args), world)
-    if then.split(" = ")[1] != now.split(" = ")[1]:
+    (rows_then, then), (rows_now, now) = (global_batch(state["config"], saved_world),
+                                          global_batch(vars(args), world))
+    if rows_then != rows_now:
         diffs.append(f"global batch: {then} then, {now} now. Each step's rows and the LR schedule "
                      f"follow it: match it with --batch-size, --grad-accum-steps and torchrun's "
                      f"--nproc_per_node")
@@ -418,7 +420,7 @@ def run(args, stop, rank, world, device):
     pad_id, multiple = tokenizer.pad_token_id, pad_multiple(device, amp_dtype)
     print(f"train {len(train_ids)} rows, val {len(val_ids)}, test {len(test_ids)}; mean train "
           f"length {sum(train_lengths) / len(train_lengths):.1f} tokens; classes {class_names}; "
-          f"global batch {global_batch(vars(args), world)}")
+          f"global batch {global_batch(vars(args), world)[1]}")
 
     # ---- model, optimizer, schedule, and what every checkpoint of this run holds
     model = TopicClassifier(encoder, len(class_names), args.dropout).to(device)
@@ -430,14 +432,15 @@ def run(args, stop, rank, world, device):
     def plan(epoch):  # [step][micro-batch] -> the rows of all processes
         return step_batches(train_lengths, args.batch_size, world, args.grad_accum_steps,
                             args.seed, epoch, args.group_by_length)
-    total_steps = len(plan(0)) * args.epochs  # every epoch has as many
+    steps_per_epoch = len(plan(0))  # every epoch has as many
+    total_steps = steps_per_epoch * args.epochs
     warmup_steps = round(args.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 only
     run_info = {"tokenizer_files": tokenizer_files(tokenizer), "class_names": class_names,
                 "max_length": args.max_length, "config": vars(args), "amp_dtype": str(amp_dtype),
                 "train_md5": file_md5(Path(args.data_dir) / "train.csv"), "world_size": world,
-                "steps_per_epoch": len(plan(0))}
+                "steps_per_epoch": steps_per_epoch}
     start_epoch, start_batch, step, best_acc, evals_since_best = 0, 0, 0, -1.0, 0
     if args.resume:
         start_epoch, start_batch, step, best_acc, evals_since_best = resume(
