@@ -87,8 +87,8 @@ def build_app(gr, classify, class_names, title):
 def describe(ckpt_path, info):
     enc = info["encoder_config"]
     return (f"Checkpoint `{ckpt_path}`: a {enc.get('num_hidden_layers', '?')}-layer "
-            f"{enc.get('model_type', '?')} encoder, epoch {info['epoch']}, "
-            f"validation accuracy {info['best_metric']['value']:.3f}. "
+            f"{enc.get('model_type', '?')} encoder, epoch {info['position']['epoch'] + 1}, "
+            f"validation accuracy {info['position']['best_val_accuracy']:.3f}. "
             f"Topics: {', '.join(info['class_names'])}.")
 
 

@@ -1,7 +1,9 @@
-"""Plumbing every script shares: user errors, flag types, the device and mixed-precision choice,
-stop signals, atomic writes and the environment record. Nothing here knows about AG News or the
-model."""
+"""Plumbing the scripts share: user errors, flag types, the device and mixed-precision choice,
+stop signals, train.py's progress log, atomic writes and the environment record. Nothing here
+knows about AG News or the model."""
 import argparse
+import json
+import math
 import os
 import platform
 import signal
@@ -9,10 +11,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 
 class UserError(SystemExit):
@@ -105,7 +109,8 @@ def add_device_flags(parser):
     pick_amp_dtype."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: bf16 where the hardware has it, else fp16 (GPUs)")
+                        help="mixed precision: bf16 where the hardware has it, fp16 on older GPUs, "
+                             "fp32 on CPUs without native bf16")
     parser.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
 
 
@@ -120,8 +125,9 @@ def pick_device(name="auto"):
 
 
 def pick_amp_dtype(device, amp, amp_dtype="auto"):
-    """None for fp32; else the autocast dtype. bf16 where the hardware has it natively (CUDA compute
-    capability 8+, CPUs with AVX512-BF16/AMX), fp16 on older GPUs (a T4) with a GradScaler."""
+    """None for fp32; else the autocast dtype. With --amp-dtype auto: bf16 where the hardware has it
+    natively (CUDA compute capability 8+, CPUs with AVX512-BF16 or AMX), fp16 with a GradScaler on
+    older GPUs (a T4), and fp32 on other CPUs, where bf16 would be emulated and slower."""
     if not amp:
         return None
     if device.type == "cuda":
@@ -135,17 +141,30 @@ def pick_amp_dtype(device, amp, amp_dtype="auto"):
     if amp_dtype == "fp16":
         raise UserError(f"--amp-dtype fp16 needs a CUDA GPU; on {device.type} use --amp-dtype "
                         f"bf16 (or auto)")
-    if device.type == "cpu" and not cpu_has_native_bf16():
-        print("note: this CPU has no native bf16 (AVX512-BF16/AMX); --amp will likely be slower "
-              "than fp32.")
+    if cpu_has_native_bf16():
+        return torch.bfloat16
+    if amp_dtype == "auto":
+        print("note: this CPU has no native bf16 (AVX512-BF16 or AMX), so --amp runs in fp32, "
+              "which is faster here than emulated bf16; --amp-dtype bf16 forces bf16.")
+        return None
+    print("note: this CPU has no native bf16 (AVX512-BF16 or AMX); --amp-dtype bf16 is emulated "
+          "and likely slower than fp32.")
     return torch.bfloat16
 
 
 def cpu_has_native_bf16():
-    try:  # oneDNN's own check (AVX512-BF16 or AMX); a private API, so fail safe
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """AVX512-BF16 or AMX: bf16 arithmetic in hardware. oneDNN's own check
+    (torch.ops.mkldnn._is_mkldnn_bf16_supported) says True on any AVX512 CPU, where it emulates
+    bf16 at a third of fp32's speed, so ask torch's CPU feature checks. Private APIs: fail safe."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def precision_name(amp_dtype):
+    """None, torch.bfloat16, torch.float16 -> "fp32", "bf16", "fp16"."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
 
 
 def autocast(device, amp_dtype):
@@ -174,7 +193,7 @@ def environment(device, amp_dtype):
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "device": str(device),
-           "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+           "precision": precision_name(amp_dtype),
            "threads": torch.get_num_threads()}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
@@ -185,6 +204,108 @@ def environment(device, amp_dtype):
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
     return env
+
+
+# ------------------------------------------------------------------------------------------ logs
+class TrainingLog:
+    """train.py's progress: the bar, and every --log-every steps one line (loss, lr, throughput
+    of all processes) on the terminal and in metrics.jsonl, which a resumed run cuts back to its
+    last.pt; the NaN check; the slow-CPU warning. Rank 0 alone writes. It makes no collective
+    call: train.run() sums the loss over the processes and hands it to line()."""
+
+    def __init__(self, path, first_step, total_steps, train_lengths, device, fp16, writes):
+        self.path, self.writes, self.fp16, self.device = path, writes, fp16, device
+        if writes:  # a resumed run writes again what a killed one logged after its last.pt
+            records = [json.loads(line) for line in
+                       (path.read_text().splitlines() if first_step and path.is_file() else [])]
+            path.write_text("".join(json.dumps(r) + "\n" for r in records
+                                    if r.get("split") != "test" and r["step"] <= first_step))
+        self.bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step",
+                        dynamic_ncols=True, disable=not writes)
+        self.first_step, self.total_steps, self.lengths = first_step, total_steps, train_lengths
+        # Summed on the device and read (a sync) only at a log line: this process's loss, and the
+        # steps whose gradient norm was NaN/Inf. With fp16 those are overflows the GradScaler
+        # skipped (counted, their loss left out); in fp32 or bf16 they stop the run.
+        self.step_loss = torch.zeros((), device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.steps = self.samples = self.tokens = 0
+        self.restart_clock()
+
+    def micro_batch(self, loss):
+        self.step_loss += loss.detach()
+
+    def step(self, step, grad_norm, micro_batches):
+        overflow = ~torch.isfinite(grad_norm)  # the same on every process: gradients are averaged
+        self.nonfinite += overflow
+        self.loss_sum += torch.where(overflow, 0.0, self.step_loss) if self.fp16 else self.step_loss
+        self.step_loss.zero_()
+        rows = [i for m in micro_batches for i in m]  # of all processes
+        self.steps, self.samples = self.steps + 1, self.samples + len(rows)
+        self.tokens += sum(self.lengths[i] for i in rows)
+        self.bar.update()
+        if step == self.first_step + 1:
+            self.warm = time.perf_counter()  # the first step pays for warm-up: time from its end
+        elif step == self.first_step + 6 and self.device.type == "cpu":
+            warn_if_slow((time.perf_counter() - self.warm) / 5, self.total_steps - step)
+
+    def check_finite(self, step):
+        """-> the steps the GradScaler skipped (fp16). In fp32 or bf16, a NaN/Inf loss or
+        gradient stops the run before it reaches a checkpoint. A NaN on one process reaches every
+        process's gradients, so each comes to the same verdict on its own."""
+        loss_sum, nonfinite = self.loss_sum.item(), self.nonfinite.item()
+        if self.fp16:
+            return nonfinite
+        if not math.isfinite(loss_sum) or nonfinite:
+            value = loss_sum if not math.isfinite(loss_sum) else "nan or inf"
+            raise UserError(f"the training loss or gradients became {value} by step {step}; "
+                            f"stopping. The last good checkpoints in {self.path.parent} are "
+                            f"kept. Try a lower --lr.")
+        return 0
+
+    def line(self, epoch, step, lr, loss_sum):
+        """loss_sum: the steps' summed loss, of all processes."""
+        skipped = self.check_finite(step)
+        loss = loss_sum.item() / (self.steps - skipped) if self.steps > skipped else math.nan
+        seconds = time.perf_counter() - self.start  # after the sync above: the work is done
+        samples_per_s = self.samples / seconds
+        self.write({"type": "train", "epoch": epoch + 1, "step": step, "loss": loss, "lr": lr,
+                    "samples_per_s": samples_per_s, "tokens_per_s": self.tokens / seconds,
+                    "window_s": seconds, **({"skipped_steps": skipped} if self.fp16 else {})})
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
+        tqdm.write(f"epoch {epoch + 1} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
+                   f"{samples_per_s:.1f} samples/s"
+                   + (f" ({skipped} fp16 overflows skipped)" if skipped else ""))
+        self.loss_sum.zero_()
+        self.nonfinite.zero_()
+        self.steps = self.samples = self.tokens = 0
+        self.restart_clock()
+
+    def evaluation(self, split, step, metrics, epoch=None):
+        where = {} if epoch is None else {"epoch": epoch + 1}
+        self.write({"type": "eval", "split": split, **where, "step": step, **metrics})
+        tqdm.write(f"{split}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
+                   f"macro-F1 {metrics['macro_f1']:.4f}")
+
+    def restart_clock(self):
+        self.start = time.perf_counter()
+
+    def write(self, record):
+        if self.writes:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self):
+        self.bar.close()
+
+
+def warn_if_slow(seconds_per_step, steps_left):
+    hours = seconds_per_step * steps_left / 3600
+    if hours >= 1:
+        tqdm.write(f"warning: on this CPU the run will take about {hours:.1f} hours. For a quick "
+                   f"run, use --max-train-samples 5000, a smaller --model (e.g. a MiniLM or "
+                   f"DistilBERT folder), --amp if not set, or a GPU (Colab: Runtime > Change "
+                   f"runtime type > GPU).")
 
 
 # ------------------------------------------------------------------------------------------ files

@@ -6,6 +6,10 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them (`python train.py`, 
 every function here is a no-op for a world of one process. Rank 0 evaluates, writes the files and
 prints; every rank trains on its share of each global batch, and DistributedDataParallel averages
 the gradients.
+
+Collectives (every process must make the same call at the same point, or all wait forever):
+rank_zero_first, wrap, the backward of a synced micro-batch, and every function named all_* or
+broadcast_*. train.run() makes each of them itself, where a reader sees it.
 """
 import os
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
@@ -16,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common import UserError, pick_device
 
-_flags_group = None  # gloo: the per-step stop flag is agreed on the CPU, never a GPU sync
+_flags_group = None  # gloo: all_max (the per-step stop flag) runs on the CPU
 
 
 def init(device_flag):
@@ -40,18 +44,14 @@ def init(device_flag):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def finish():
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def wrap(model, device):
-    """DistributedDataParallel around the model under torchrun (it starts every rank from rank
-    0's weights), else the model itself."""
+    """Collective. DistributedDataParallel around the model under torchrun (it starts every rank
+    from rank 0's weights), else the model itself."""
     if not dist.is_initialized():
         return model
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -66,8 +66,8 @@ def sync_unless(train_model, last_micro_batch):
 
 @contextmanager
 def rank_zero_first():
-    """Rank 0 runs the block first (a download, a tokenizer cache) and the others then find it
-    done."""
+    """Collective (a barrier). Rank 0 runs the block first (a download, a tokenizer cache) and
+    the others then find it done."""
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
     yield
@@ -86,8 +86,8 @@ def print_on_rank_zero():
         yield
 
 
-def broadcast(value):
-    """Rank 0's value (any picklable object) on every rank."""
+def broadcast_from_rank0(value):
+    """Collective. Rank 0's value (any picklable object) on every rank."""
     if not dist.is_initialized():
         return value
     box = [value]
@@ -95,8 +95,8 @@ def broadcast(value):
     return box[0]
 
 
-def gather(value):
-    """[every rank's value], in rank order."""
+def all_gather(value):
+    """Collective. [every rank's value], in rank order."""
     if not dist.is_initialized():
         return [value]
     values = [None] * dist.get_world_size()
@@ -104,17 +104,17 @@ def gather(value):
     return values
 
 
-def sum_over_ranks(tensor):
+def all_sum(tensor):
+    """Collective. The tensor summed over the ranks (in place)."""
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
 
 
-def agree_on_stop(signum):
-    """A stop signal any rank received (the largest signal number), or 0: every rank stops at the
-    same step, so none waits forever in a collective the others left."""
+def all_max(number):
+    """Collective. The largest of the ranks' integers, on the CPU (gloo), never a GPU sync."""
     if not dist.is_initialized():
-        return signum or 0
-    flag = torch.tensor([signum or 0])
+        return number
+    flag = torch.tensor([number])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_flags_group)
     return int(flag)

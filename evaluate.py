@@ -132,15 +132,16 @@ def main(argv=None):
     data_dir, (texts, labels) = load_checkpoint_split(ckpt, args.ckpt, args.data_dir, args.split)
     out_dir, class_names = reports_dir(args.output_dir, args.ckpt), ckpt["class_names"]
 
-    print(f"evaluating {args.ckpt} (step {ckpt['step']}) on {len(texts)} {args.split} rows "
-          f"of {data_dir} ({device})")
+    step = ckpt["position"]["step"]
+    print(f"evaluating {args.ckpt} (step {step}) on {len(texts)} {args.split} rows of {data_dir} "
+          f"({device})")
     token_ids = tokenize(tokenizer, texts, ckpt["max_length"])
     metrics, logits = evaluate_model(model, token_ids, labels, tokenizer.pad_token_id, device,
                                      amp_dtype, args.batch_size)
     details = per_class_report(logits, labels, class_names)
     errors = mistakes(texts, labels, logits, class_names)
 
-    result = {"checkpoint": str(args.ckpt), "step": ckpt["step"], "data_dir": str(data_dir),
+    result = {"checkpoint": str(args.ckpt), "step": step, "data_dir": str(data_dir),
               "split": args.split, "rows": len(texts), "class_names": class_names, **metrics,
               "per_class": details["per_class"], "confusion_matrix": details["confusion_matrix"],
               "misclassified": len(errors), "env": environment(device, amp_dtype)}

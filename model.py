@@ -1,15 +1,19 @@
 """The classifier (a pretrained encoder + our dropout and linear head), the one evaluation function,
 and the one checkpoint format.
 
-A checkpoint is a plain dict loadable with torch.load(..., weights_only=True):
-    {"format": 1, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
-     "class_names": [...], "max_length": int, "config": dict of the training flags,
-     "train_md5": str, "amp_dtype": str, "epoch": int, "step": int,
-     "best_metric": {"name": "val_accuracy", "value": float}}
-last.pt adds what --resume needs: "optimizer", "scheduler", "scaler", "rng" and "batches_done" (in
-the epoch); train.py checks "train_md5" and "amp_dtype" against the resumed run's.
+A checkpoint is a plain dict loadable with torch.load(..., weights_only=True). best.pt:
+    {"format": 2, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
+     "class_names": [str], "max_length": int, "config": {train.py flag: value},
+     "precision": "fp32" | "bf16" | "fp16", "world_size": int (processes),
+     "position": {"epoch": int (0-based, the epoch of the last step), "batch": int (steps done in
+                  that epoch), "step": int (steps done in all), "best_val_accuracy": float,
+                  "evals_since_best": int}}
+last.pt, written by train.save_last for --resume, adds "fingerprint" (what a resumed run must
+share with this one), "optimizer", "scheduler" and "scaler" (state dicts) and "rng" (each
+process's random state, in rank order).
 """
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from common import (
 )
 from data import batch_order, clean_text, collate, tokenize
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # raised whenever the format changes: there is no converter
 
 
 class TopicClassifier(nn.Module):
@@ -138,18 +142,45 @@ def tokenizer_files(tokenizer):
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
-def make_checkpoint(model, run_info, epoch, step, best_acc, **training_state):
+def make_checkpoint(model, run_info, position, **resume_state):
     """The one checkpoint format (see the top of this file). run_info: what stays the same all run
-    (tokenizer_files, class_names, max_length, config, train_md5, amp_dtype); training_state: what
-    last.pt adds for --resume."""
+    (tokenizer_files, class_names, max_length, config, precision, world_size); position: where the
+    run is; resume_state: what last.pt adds."""
     return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-            "encoder_config": model.encoder.config.to_dict(), **run_info, "epoch": epoch,
-            "step": step, "best_metric": {"name": "val_accuracy", "value": best_acc},
-            **training_state}
+            "encoder_config": model.encoder.config.to_dict(), **run_info,
+            "position": dict(position), **resume_state}
 
 
 def save_checkpoint(state, path):
     atomic_save(state, path)  # never a half-written best.pt or last.pt, even on a kill mid-write
+
+
+def prepare_output_dir(out_dir, args):
+    """Fail before any training if the outputs could not be written or would clobber another run."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as err:
+        raise UserError(f"--output-dir {out_dir}: not writable ({err})") from None
+    for stale in out_dir.glob(".*.pt.*.tmp"):  # a run killed mid-write left it
+        stale.unlink()
+    if args.resume and not (out_dir / "last.pt").is_file():
+        raise UserError(f"--resume: no last.pt in --output-dir {out_dir} to resume from")
+    existing = [name for name in ("best.pt", "last.pt") if (out_dir / name).exists()]
+    if existing and not args.resume and not args.overwrite:
+        raise UserError(f"--output-dir {out_dir} already holds {' and '.join(existing)} from "
+                        f"another run. Pass --resume to continue that run, --overwrite to replace "
+                        f"it, or another --output-dir.")
+
+
+def check_room(out_dir, model):
+    # last.pt: the weights and AdamW's two moments (all fp32); best.pt: the weights; a temp copy of
+    # last.pt while it is written.
+    need = sum(p.numel() for p in model.parameters()) * 4 * (3 + 1 + 3)
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise UserError(f"--output-dir {out_dir}: {free / 2**20:,.0f} MiB free, checkpoints need "
+                        f"~{need / 2**20:,.0f} MiB")
 
 
 def read_checkpoint(path):
@@ -161,9 +192,13 @@ def read_checkpoint(path):
     except Exception as err:  # noqa: BLE001 (a truncated file, a pickle with code, not torch's)
         raise UserError(f"{path}: not a readable checkpoint of this toolkit ({type(err).__name__}: "
                         f"{str(err).strip().splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or "format" not in state:
         raise UserError(f"{path}: not a checkpoint of this toolkit (expected a dict with "
                         f"format={CHECKPOINT_FORMAT})")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: checkpoint format {state['format']!r}, written by another "
+                        f"version of this toolkit; this one reads format {CHECKPOINT_FORMAT}. "
+                        f"Use the version that wrote it, or train again.")
     return state
 
 
@@ -195,12 +230,11 @@ def load_trained(path, device="auto", amp=False, amp_dtype="auto"):
 def load_classifier(path, device="auto", amp=False, amp_dtype="auto"):
     """best.pt -> (classify, info): classify(texts, batch_size=64) -> (N, C) class probabilities,
     rows in input order, the texts cleaned and truncated as in training. info: the checkpoint's
-    class_names, max_length, config, epoch, best_metric and encoder_config. predict.py and app.py
-    share it."""
+    class_names, max_length, config, position and encoder_config. predict.py and app.py share it."""
     model, tokenizer, state, device, amp_dtype = load_trained(path, device, amp, amp_dtype)
     # Keep the small entries only: the weights (and last.pt's optimizer) would be a second copy.
-    info = {k: state.get(k) for k in ("class_names", "max_length", "config", "epoch", "best_metric",
-                                      "encoder_config")}
+    info = {k: state[k] for k in ("class_names", "max_length", "config", "position",
+                                  "encoder_config")}
 
     def classify(texts, batch_size=64):
         token_ids = tokenize(tokenizer, [clean_text(t) for t in texts], info["max_length"])

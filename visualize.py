@@ -304,7 +304,8 @@ def main(argv=None):
             vectors = {"before": before, "after": after}
 
     titles = {"before": f"before fine-tuning: {short_name(ckpt['config']['model'])}, mean-pooled",
-              "after": f"after fine-tuning (step {ckpt['step']}): the embedding the head reads"}
+              "after": f"after fine-tuning (step {ckpt['position']['step']}): the embedding the "
+                       f"head reads"}
     perplexity = fit_perplexity(args.perplexity, len(rows)) if args.method == "tsne" else None
     panels = {}
     for name, x in vectors.items():

@@ -9,13 +9,18 @@ batch size, steps.
     python benchmarks/bench_train.py --device cuda --random-init --steps 300 --batch-size 32
 
 Set-ups (lr 1e-4, warmup 10 %, batch 32 unless flags say otherwise):
-  trainer_default  Trainer, fp32, every row padded to --max-length (its default set-up); TF32
-                   matmuls on GPUs that have them, as train.py's fp32
-  trainer_best     Trainer, bf16 (fp16 on GPUs without bf16), dynamic padding, group_by_length
-  ours_fp32        train.main(), fp32 (TF32 matmuls on GPUs that have them)
-  ours_amp         train.main(--amp): bf16/fp16 autocast, length-grouped batches, padding to x8
-                   on GPUs; on CPUs also cpu_dropout and keep_freed_memory (see cpu_speed.py,
-                   benchmarks/cpu_levers.py)
+  trainer_default    Trainer, fp32, every row padded to --max-length (its default set-up); TF32
+                     matmuls on GPUs that have them, as train.py's fp32
+  trainer_best       Trainer, bf16 (fp16 on GPUs without bf16), dynamic padding, group_by_length
+  trainer_best_fp32  the same in fp32 (TF32 matmuls on GPUs that have them)
+  ours_fp32          train.main(), fp32 (TF32 matmuls on GPUs that have them); on CPUs also
+                     cpu_dropout and keep_freed_memory (see cpu_speed.py, benchmarks/cpu_levers.py)
+  ours_amp           train.main(--amp): bf16/fp16 autocast, length-grouped batches, padding to x8
+                     on GPUs; fp32 on CPUs without native bf16, as train.py decides
+  ours_bf16          train.main(--amp --amp-dtype bf16): bf16 even where it is emulated
+Default: trainer_default, trainer_best, ours_fp32, ours_amp on GPUs and CPUs with native bf16
+(AVX512-BF16 or AMX); on other CPUs trainer_default, trainer_best_fp32, ours_fp32, since bf16 is
+emulated there (3x slower than fp32): a set-up in emulated bf16 runs only when named.
 
 Samples/s are steady-state (the first steps, which pay for warm-up, are not timed). Model FLOP/s =
 (6 x non-embedding parameters + 12 x layers x hidden x mean length) x real tokens/s, against the
@@ -42,7 +47,8 @@ import train
 from common import UserError, cpu_has_native_bf16, parse_args, pick_amp_dtype, pick_device
 from data import load_splits, tokenize
 
-SETUPS = ["trainer_default", "trainer_best", "ours_fp32", "ours_amp"]
+SETUPS = ["trainer_default", "trainer_best", "trainer_best_fp32", "ours_fp32", "ours_amp",
+          "ours_bf16"]
 WARMUP_STEPS = 5
 
 
@@ -70,7 +76,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=42,
                    help="validation split, initialization, batch order")
     p.add_argument("--device", default="auto")
-    p.add_argument("--setups", default=",".join(SETUPS))
+    p.add_argument("--setups", help=f"comma-separated, of {', '.join(SETUPS)} (default: see above)")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     return p
 
@@ -135,13 +141,22 @@ def run_ours(name, args, work, model_name, device):
              "--epochs", "1", "--batch-size", str(args.batch_size), "--lr", str(args.lr),
              "--val-size", "64", "--log-every", "5", "--max-length", str(args.max_length),
              "--device", str(device), "--seed", str(args.seed), "--overwrite"]
-    result = train.main(flags + (["--amp"] if name == "ours_amp" else []))
+    precision = {"ours_fp32": [], "ours_amp": ["--amp"],
+                 "ours_bf16": ["--amp", "--amp-dtype", "bf16"]}
+    result = train.main(flags + precision[name])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the first window is warm-up
     windows = [r for r in records if r["type"] == "train" and r["step"] > WARMUP_STEPS]
     samples = sum(r["samples_per_s"] * r["window_s"] for r in windows)
     return {"samples_per_s": samples / sum(r["window_s"] for r in windows),
             "test_accuracy": result["test_accuracy"]}
+
+
+def default_setups(device):
+    """The set-ups worth comparing here: none in emulated precision."""
+    if device.type == "cuda" or cpu_has_native_bf16():
+        return ["trainer_default", "trainer_best", "ours_fp32", "ours_amp"]
+    return ["trainer_default", "trainer_best_fp32", "ours_fp32"]
 
 
 def peak_dtype(device):
@@ -163,10 +178,12 @@ def trainer_arguments(name, args, work, device):
           "use_cpu": device.type == "cpu"}
     # transformers 5 takes the warm-up fraction as warmup_steps and renamed group_by_length.
     kw.update({"warmup_ratio": 0.1} if "warmup_ratio" in params else {"warmup_steps": 0.1})
-    if name == "trainer_default" and device.type == "cuda" and "tf32" in params:
+    fp32 = name in ("trainer_default", "trainer_best_fp32")
+    if fp32 and device.type == "cuda" and "tf32" in params:
         kw["tf32"] = peak_dtype(device) == torch.bfloat16  # like train.py's fp32: TF32 on Ampere+
     if name == "trainer_best":
         kw.update({"fp16": True} if peak_dtype(device) == torch.float16 else {"bf16": True})
+    if name.startswith("trainer_best"):
         kw.update({"group_by_length": True} if "group_by_length" in params
                   else {"train_sampling_strategy": "group_by_length"})
     return TrainingArguments(**kw)
@@ -215,6 +232,17 @@ def run_trainer(name, args, work, model_name, device, train_split, test_split):
     return result
 
 
+def cpu_model():
+    """The CPU's model name, as lscpu prints it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"CPU ({platform.machine()})"
+
+
 def non_embedding_params(config):
     from transformers import AutoModel
 
@@ -231,7 +259,8 @@ def report(results, args, config, mean_len, device):
     half = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * mean_len
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{os.cpu_count()}-core CPU ({platform.machine()})")
+             else f"{os.cpu_count()}-core {cpu_model()} (native bf16: "
+                  f"{'yes' if cpu_has_native_bf16() else 'no'})")
     print(f"\n{where}, torch {torch.__version__}; model {config.model_type} "
           f"{config.num_hidden_layers}x{config.hidden_size} "
           f"({params / 1e6:.1f}M non-embedding parameters); batch {args.batch_size}; "
@@ -258,6 +287,10 @@ def main(argv=None):
 
     args = parse_args(build_parser(), argv)
     device = pick_device(args.device)
+    setups = args.setups.split(",") if args.setups else default_setups(device)
+    unknown = sorted(set(setups) - set(SETUPS))
+    if unknown:
+        raise UserError(f"--setups: unknown {unknown}; choose from {SETUPS}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_name = random_bert_base(args, work) if args.random_init else args.model
@@ -267,7 +300,7 @@ def main(argv=None):
         results = {}
         # The Trainer first: train.main() tunes malloc on CPUs for the rest of the process
         # (keep_freed_memory).
-        for name in sorted(args.setups.split(","), key=lambda name: not name.startswith("trainer")):
+        for name in sorted(setups, key=lambda name: not name.startswith("trainer")):
             print(f"\n=== {name}", flush=True)
             if name.startswith("trainer"):
                 results[name] = run_trainer(name, args, work, model_name, device, train_split,

@@ -110,11 +110,11 @@ def test_a_killed_process_then_resume_ends_as_an_unbroken_run(two_process_run,
     # rank 1 is SIGKILLed in step 5; rank 0 fails at its next collective; last.pt is of step 3
     killed = torchrun(["KILL", "step:5", "rank:1", "--", *flags], "tests/killer.py", check=False)
     assert killed.returncode != 0
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["position"]["step"] == 3
     resumed = torchrun([*flags, "--resume"])
     assert "resumed from" in resumed.stdout and resumed.stdout.count("best.pt: val accuracy") == 1
     unbroken, after = (torch.load(d / "last.pt", weights_only=True) for d in (two, tmp_path))
-    assert after["step"] == unbroken["step"] == 16
+    assert after["position"]["step"] == unbroken["position"]["step"] == 16
     assert all(torch.equal(unbroken["model"][k], after["model"][k]) for k in after["model"])
     assert len(after["rng"]) == 2  # each process's random state
 
@@ -125,8 +125,8 @@ def test_resuming_with_another_number_of_processes_keeps_the_global_batch(
     for name in ("last.pt", "best.pt", "metrics.jsonl"):
         (tmp_path / name).write_bytes((two / name).read_bytes())
     flags = tiny_args(no_dropout_model_dir, data_dir, tmp_path, *FLAGS, "--resume")
-    with pytest.raises(UserError, match=r"global batch: 8 rows x 2 processes x 1 accumulated = 16 "
-                                        r"then, 8 rows x 1 processes x 1 accumulated = 8 now"):
+    with pytest.raises(UserError, match=r"other settings:\n  global batch \(rows\): 16 then, 8 now"
+                                        r"\n  steps per epoch: 16 then, 32 now$"):
         train.main([*flags, "--batch-size", 8])
     # the same 16 rows a step: accepted, and said
     train.main([*flags, "--batch-size", 16])
@@ -134,8 +134,9 @@ def test_resuming_with_another_number_of_processes_keeps_the_global_batch(
     # unless the epoch's last rows made another number of steps (a step of fewer rows than
     # processes is left out): refused, as each step's place in the epoch would shift
     state = torch.load(two / "last.pt", weights_only=True)
-    torch.save({**state, "steps_per_epoch": 17}, tmp_path / "last.pt")
-    with pytest.raises(UserError, match="steps per epoch: 17 then, 16 now"):
+    state["fingerprint"]["steps per epoch"] = 17
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(UserError, match=r"other settings:\n  steps per epoch: 17 then, 16 now$"):
         train.main([*flags, "--batch-size", 16])
 
 
@@ -176,4 +177,4 @@ def test_a_stop_signal_to_one_process_stops_all_at_the_same_step(no_dropout_mode
     assert stopped.returncode != 0
     assert "SIGTERM: stopped at step 5" in stopped.stdout
     assert "Resume: torchrun --nproc_per_node 2 train.py" in stopped.stdout
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 5
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["position"]["step"] == 5

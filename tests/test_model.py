@@ -7,7 +7,7 @@ from sklearn.metrics import f1_score
 
 import model as model_lib
 import train
-from common import UserError, autocast, pick_amp_dtype
+from common import UserError, autocast, cpu_has_native_bf16, pick_amp_dtype
 from model import (
     TopicClassifier,
     classification_metrics,
@@ -53,11 +53,13 @@ def test_checkpoint_round_trip_with_weights_only(tiny, tmp_path):
     run_info = {"tokenizer_files": model_lib.tokenizer_files(tokenizer),
                 "class_names": ["W", "S", "B", "T"], "max_length": args.max_length,
                 "config": vars(args)}
-    state = model_lib.make_checkpoint(model, run_info, 1, 10, 0.5)
+    position = {"epoch": 0, "batch": 10, "step": 10, "best_val_accuracy": 0.5,
+                "evals_since_best": 0}
+    state = model_lib.make_checkpoint(model, run_info, position)
     save_checkpoint(state, tmp_path / "best.pt")
     state = torch.load(tmp_path / "best.pt", weights_only=True)
     assert (state["class_names"] == ["W", "S", "B", "T"] and state["max_length"] == 64
-            and state["step"] == 10)
+            and state["position"] == position)
     loaded, loaded_tokenizer, _ = load_model(tmp_path / "best.pt")
     input_ids, mask = _batch(tokenizer, ["nasa chip", "the election of a minister"])
     assert torch.equal(_batch(loaded_tokenizer, ["nasa chip", "the election of a minister"])[0],
@@ -93,6 +95,11 @@ def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tiny, tmp_pa
         read_checkpoint(tmp_path / "plain.pt")
     with pytest.raises(UserError, match="nothing.pt: file not found"):
         read_checkpoint(tmp_path / "nothing.pt")
+    # another version's format: refused, not half read
+    save_checkpoint({"format": model_lib.CHECKPOINT_FORMAT - 1, "model": {}}, tmp_path / "old.pt")
+    with pytest.raises(UserError, match=r"old.pt: checkpoint format 1, written by another version "
+                                        r"of this toolkit; this one reads format 2"):
+        read_checkpoint(tmp_path / "old.pt")
     # a plain pickle, not torch's zip format
     (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"format": 1}, protocol=2))
     with pytest.raises(UserError, match="pickle.pt: not a readable checkpoint"):
@@ -122,12 +129,58 @@ def test_tiny_model_overfits_a_tiny_batch(tiny):
     assert losses[-1] < 0.1 * losses[0]
 
 
-def test_amp_picks_bf16_on_cpu_and_trains(tiny):
+# CPUs as torch sees them: (AVX512-BF16, AMX tiles, oneDNN's bf16 check, which emulation satisfies)
+CPUS = {"AMX": (True, True, True), "AVX512-BF16": (True, False, True),
+        "AVX512 only": (False, False, True), "AVX2 only": (False, False, False)}
+
+
+def fake_cpu(monkeypatch, features):
+    avx512_bf16, amx, onednn = features
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn,
+                        raising=False)
+
+
+@pytest.mark.parametrize("cpu_name", CPUS)
+def test_amp_on_a_cpu_follows_its_real_bf16_units(cpu_name, monkeypatch, capsys):
+    fake_cpu(monkeypatch, CPUS[cpu_name])
+    native = cpu_name in ("AMX", "AVX512-BF16")
     cpu = torch.device("cpu")
+    assert cpu_has_native_bf16() is native
     assert pick_amp_dtype(cpu, amp=False) is None
-    assert pick_amp_dtype(cpu, amp=True) == torch.bfloat16
+    assert pick_amp_dtype(cpu, amp=True) == (torch.bfloat16 if native else None)
+    note = capsys.readouterr().out
+    assert (note == "note: this CPU has no native bf16 (AVX512-BF16 or AMX), so --amp runs in "
+            "fp32, which is faster here than emulated bf16; --amp-dtype bf16 forces bf16.\n"
+            if not native else note == "")
+    assert pick_amp_dtype(cpu, amp=True, amp_dtype="bf16") == torch.bfloat16  # forced
+    assert ("emulated and likely slower than fp32" in capsys.readouterr().out) is not native
     with pytest.raises(UserError, match="--amp-dtype fp16 needs a CUDA GPU"):
         pick_amp_dtype(cpu, amp=True, amp_dtype="fp16")
+
+
+def test_a_torch_without_the_cpu_feature_checks_means_fp32(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert cpu_has_native_bf16() is False
+
+
+@pytest.mark.parametrize("cpu_name", CPUS)
+def test_scripts_load_a_checkpoint_in_the_precision_the_cpu_has(cpu_name, tiny, tmp_path,
+                                                                 monkeypatch):
+    # evaluate.py, visualize.py and predict.py all start from load_trained
+    model, tokenizer = tiny
+    run_info = {"tokenizer_files": model_lib.tokenizer_files(tokenizer),
+                "class_names": ["W", "S", "B", "T"], "max_length": 64,
+                "config": vars(train.build_parser().parse_args([]))}
+    save_checkpoint(model_lib.make_checkpoint(model, run_info, {"step": 1}), tmp_path / "best.pt")
+    fake_cpu(monkeypatch, CPUS[cpu_name])
+    *_, amp_dtype = model_lib.load_trained(tmp_path / "best.pt", "cpu", amp=True)
+    assert amp_dtype == (torch.bfloat16 if cpu_name in ("AMX", "AVX512-BF16") else None)
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tiny):
+    cpu = torch.device("cpu")
     model, tokenizer = tiny
     input_ids, mask = _batch(tokenizer, ["the team wins the cup", "stocks fall on oil"])
     with autocast(cpu, torch.bfloat16):

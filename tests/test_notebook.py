@@ -96,7 +96,8 @@ def test_percent_run_trains_like_the_shell(tiny_model_dir, tiny_data_dir, tmp_pa
     assert "best.pt: val accuracy" in outputs(nb)
     by_run, by_shell = (torch.load(tmp_path / d / "last.pt", weights_only=True)
                         for d in ("by_run", "by_shell"))
-    assert by_run["config"]["epochs"] == 1 and by_run["step"] == by_shell["step"] > 0
+    assert by_run["config"]["epochs"] == 1
+    assert by_run["position"]["step"] == by_shell["position"]["step"] > 0
     assert all(torch.equal(by_run["model"][k], by_shell["model"][k]) for k in by_shell["model"])
 
 
@@ -133,6 +134,18 @@ def test_colab_notebook_runs_end_to_end_then_again_after_a_restart(notebook_env,
     # there already, and the training cell finds last.pt and resumes instead of starting over.
     again = run(nbformat.read(ROOT / "notebooks/colab.ipynb", as_version=4), content)
     assert "resumed from" in outputs(again)
+
+
+def test_the_clone_cell_stops_clearly_while_repo_holds_the_placeholder(tmp_path, monkeypatch):
+    monkeypatch.delenv("AGNEWS_REPO", raising=False)
+    nb = nbformat.read(ROOT / "notebooks/colab.ipynb", as_version=4)
+    nb.cells = nb.cells[1:3]  # the parameters, then the clone
+    NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [out for out in nb.cells[1].outputs if out.output_type == "error"]
+    assert [e.ename for e in errors] == ["SystemExit"]
+    assert "Set REPO in the cell above" in errors[0].evalue + "".join(errors[0].traceback)
+    assert list(tmp_path.iterdir()) == []  # nothing cloned, no git error
 
 
 def test_notebook_is_committed_without_outputs():
@@ -194,4 +207,5 @@ def test_the_stop_button_saves_and_the_same_kernel_resumes(tiny_model_dir, tiny_
     assert [(e.ename, e.traceback) for e in errors] == [("Stopped", [])]  # cell 1's: no traceback
     assert not any(out.output_type == "error" for out in nb.cells[3].outputs)
     assert "resumed from" in text and "best.pt: val accuracy" in text
-    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 10 * 16  # all of it
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["position"]["step"] == 10 * 16  # all of it

@@ -12,6 +12,7 @@ from conftest import tiny_args
 
 import train
 from common import UserError
+from model import CHECKPOINT_FORMAT
 
 KILLER = Path(__file__).with_name("killer.py")
 FLAGS = ("--epochs", 2, "--save-every", 2)
@@ -44,7 +45,7 @@ def test_sigkill_then_resume_gives_the_same_weights_and_metrics(point, n, straig
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     # the previous last.pt is intact
-    assert torch.load(killed / "last.pt", weights_only=True)["format"] == 1
+    assert torch.load(killed / "last.pt", weights_only=True)["format"] == CHECKPOINT_FORMAT
 
     assert train.main(flags + ["--resume"]) == result
     a = torch.load(out / "last.pt", weights_only=True)["model"]
@@ -59,7 +60,8 @@ def test_resume_on_changed_data_is_refused(tiny_model_dir, tiny_data_dir, tmp_pa
     train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
     with open(tiny_data_dir / "train.csv", "a") as f:
         f.write('"1","One more row","about the minister"\n')
-    with pytest.raises(UserError, match="train.csv: md5 .* then, .* now"):
+    with pytest.raises(UserError,
+                       match=r"other settings:\n  train.csv md5: '\w+' then, '\w+' now$"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
 
 
@@ -82,7 +84,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_di
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1,
                              "--save-every", 2, "--log-every", 100))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["position"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_unwritable_output_dir_is_refused_before_training(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -113,7 +116,8 @@ def test_nan_gradients_with_a_finite_loss_stop_the_run_too(tiny_model_dir, tiny_
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1,
                              "--save-every", 2, "--log-every", 100))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["position"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_fp16_overflows_are_skipped_and_counted_not_fatal(tiny_model_dir, tiny_data_dir, tmp_path,
@@ -130,5 +134,6 @@ def test_fp16_overflows_are_skipped_and_counted_not_fatal(tiny_model_dir, tiny_d
     assert windows[1]["skipped_steps"] >= 1  # step 5's
     assert all(math.isfinite(r["loss"]) for r in windows)  # the skipped step's loss left out
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert state["step"] == 16 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["position"]["step"] == 16
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert result["test_accuracy"] >= 0

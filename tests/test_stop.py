@@ -42,9 +42,9 @@ def test_a_stop_saves_says_how_to_resume_and_resumes_exactly(sig, points, code, 
     assert proc.returncode == code, proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == (
-        f"SIG{sig}: stopped at step {at_step}; {stopped / 'last.pt'} holds it. Resume: "
+        f"SIG{sig}: stopped at step {at_step}; {stopped / 'last.pt'} holds that step. Resume: "
         f"python train.py {shlex.join([*flags, '--resume'])}")
-    assert torch.load(stopped / "last.pt", weights_only=True)["step"] == at_step
+    assert torch.load(stopped / "last.pt", weights_only=True)["position"]["step"] == at_step
     assert not list(stopped.glob(".*.tmp"))
 
     assert train.main([*flags, "--resume"]) == result
@@ -63,8 +63,8 @@ def test_a_stop_during_the_final_test_keeps_the_run_and_resume_reports(straight_
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 143 and "Traceback" not in proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == (
-        f"SIGTERM: stopped during the final test; the run is saved. The report: "
-        f"python train.py {shlex.join([*flags, '--resume'])}")
+        f"SIGTERM: stopped during the final test; {stopped / 'last.pt'} holds the whole run. "
+        f"Resume: python train.py {shlex.join([*flags, '--resume'])}")
     assert train.main([*flags, "--resume"]) == result
 
 
@@ -80,7 +80,7 @@ def test_a_stop_during_the_set_up_ends_at_once_and_saves_nothing(tiny_model_dir,
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, *FLAGS))
     assert exit_info.value.code == 130 and not (tmp_path / "last.pt").exists()
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        "SIGINT: stopped during the set-up, before the first step; nothing was saved")
+        "SIGINT: stopped during the set-up; nothing was saved")
 
 
 def test_signal_handlers_are_restored_after_training(tiny_model_dir, tiny_data_dir, tmp_path):

