@@ -16,7 +16,7 @@ import os
 import sys
 
 from common import UserError, add_device_flags, in_notebook, parse_args
-from data import clean_text
+from data import clean
 from model import load_classifier
 
 EXAMPLES = [
@@ -55,11 +55,11 @@ def import_gradio():
     return gradio
 
 
-def build_app(gr, classify, class_names, title):
+def build_app(gr, classify, class_names, title, how_to_clean="agnews"):
     """The page: a textbox, a Label with every class's probability, example headlines. API name:
     /predict."""
     def topic_probabilities(text):
-        if not text or not clean_text(text):
+        if not text or not clean(text, how_to_clean):
             raise gr.Error("Type a headline (or a headline and its first sentence) first.")
         return dict(zip(class_names, classify([text])[0].tolist()))
 
@@ -102,7 +102,7 @@ def main(argv=None):
               "reach. Run it from a cell instead (import app; demo = app.main([...])), or add "
               "--share.")
     classify, info = load_classifier(args.ckpt, args.device, args.amp, args.amp_dtype)
-    demo = build_app(gr, classify, info["class_names"], describe(args.ckpt, info))
+    demo = build_app(gr, classify, info["class_names"], describe(args.ckpt, info), info["clean"])
     try:
         # share: explicit, as in Colab gradio would otherwise turn a public link on by itself
         demo.launch(server_name=args.host, server_port=args.port, share=args.share,

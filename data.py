@@ -48,6 +48,12 @@ def _entity(match):
     return html.unescape(f"&{match.group(2)};")
 
 
+def clean(text, how):
+    """--clean: "agnews" undoes AG News's scrape artefacts (clean_text); "none" only folds runs of
+    whitespace into one space."""
+    return clean_text(text) if how == "agnews" else _SPACES.sub(" ", text).strip()
+
+
 def clean_text(text):
     text = text.replace("\\$", "$")
     text = re.sub(r"\\+", " ", text)  # a backslash (or two) is where a line break was

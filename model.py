@@ -3,7 +3,8 @@ and the one checkpoint format.
 
 A checkpoint is a plain dict loadable with torch.load(..., weights_only=True). best.pt:
     {"format": 2, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
-     "class_names": [str], "max_length": int, "config": {train.py flag: value},
+     "class_names": [str], "max_length": int, "clean": "agnews" | "none" (data.clean),
+     "config": {train.py flag: value},
      "precision": "fp32" | "bf16" | "fp16", "world_size": int (processes),
      "position": {"epoch": int (0-based, the epoch of the last step), "batch": int (steps done in
                   that epoch), "step": int (steps done in all), "best_val_accuracy": float,
@@ -30,7 +31,7 @@ from common import (
     pick_device,
     to_device,
 )
-from data import batch_order, clean_text, collate, tokenize
+from data import batch_order, clean, collate, tokenize
 
 CHECKPOINT_FORMAT = 2  # raised whenever the format changes: there is no converter
 
@@ -230,14 +231,20 @@ def load_trained(path, device="auto", amp=False, amp_dtype="auto"):
 def load_classifier(path, device="auto", amp=False, amp_dtype="auto"):
     """best.pt -> (classify, info): classify(texts, batch_size=64) -> (N, C) class probabilities,
     rows in input order, the texts cleaned and truncated as in training. info: the checkpoint's
-    class_names, max_length, config, position and encoder_config. predict.py and app.py share it."""
+    class_names, max_length, clean, config, position and encoder_config. predict.py and app.py
+    share it."""
     model, tokenizer, state, device, amp_dtype = load_trained(path, device, amp, amp_dtype)
     # Keep the small entries only: the weights (and last.pt's optimizer) would be a second copy.
-    info = {k: state[k] for k in ("class_names", "max_length", "config", "position",
+    info = {k: state[k] for k in ("class_names", "max_length", "clean", "config", "position",
                                   "encoder_config")}
 
     def classify(texts, batch_size=64):
-        token_ids = tokenize(tokenizer, [clean_text(t) for t in texts], info["max_length"])
+        cleaned = [clean(text, info["clean"]) for text in texts]
+        for i, text in enumerate(texts):
+            if not cleaned[i]:  # "" or only markup: the model would see [CLS] [SEP] and guess
+                raise UserError(f"text {i + 1} ({text!r}) is empty once cleaned; nothing to "
+                                f"classify")
+        token_ids = tokenize(tokenizer, cleaned, info["max_length"])
         logits = infer(model, token_ids, tokenizer.pad_token_id, device, amp_dtype, batch_size)
         return logits.softmax(-1)
 

@@ -5,8 +5,9 @@
     main(["--ckpt", "best.pt", "Stocks rally ..."])  # from a notebook cell: returns rows as dicts
 
 Works offline from best.pt alone: the tokenizer and the encoder's config are stored inside it.
-Texts are cleaned as in training (data.clean_text) and run in batches, longest first, with --amp
-under autocast. model.load_classifier is the one inference path, shared with the web page (app.py).
+Texts are cleaned as in training (data.clean, as the checkpoint says) and run in batches, longest
+first, with --amp under autocast. model.load_classifier is the one inference path, shared with
+the web page (app.py).
 """
 import argparse
 import csv
@@ -16,7 +17,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 from common import UserError, add_device_flags, parse_args, positive
-from data import clean_text, decode_utf8
+from data import decode_utf8
 from model import load_classifier
 
 
@@ -35,8 +36,7 @@ def build_parser():
 
 
 def read_texts(texts, file=None):
-    """The arguments, then the non-blank lines of file; refuses an empty result or a text with no
-    words."""
+    """The arguments, then the non-blank lines of file; refuses an empty result."""
     texts = list(texts)
     if file is not None:
         path = Path(file)
@@ -51,9 +51,6 @@ def read_texts(texts, file=None):
     if not texts:
         raise UserError("no texts to classify: pass them as arguments, "
                         "or --file FILE with one text per line")
-    for i, text in enumerate(texts):
-        if not clean_text(text):  # "" or only markup: the model would see [CLS] [SEP] and guess
-            raise UserError(f"text {i + 1} ({text!r}) is empty once cleaned; nothing to classify")
     return texts
 
 

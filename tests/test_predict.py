@@ -98,7 +98,6 @@ def test_json_output_stays_parseable_with_amp(tiny_ckpt, capsys):
     ([], "no texts to classify"),
     (["--file", "missing.txt"], "--file missing.txt: file not found"),
     (["--file", "empty.txt"], "--file empty.txt: no texts in it"),
-    (["team cup", "<b> </b>"], r"text 2 \('<b> </b>'\) is empty once cleaned"),
     (["--ckpt", "nowhere.pt", "team cup"], "--ckpt nowhere.pt: file not found"),
 ])
 def test_user_mistakes_are_named(argv, message, tmp_path, monkeypatch):
@@ -106,3 +105,9 @@ def test_user_mistakes_are_named(argv, message, tmp_path, monkeypatch):
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(UserError, match=message):
         predict.main(argv)
+
+
+def test_a_text_that_cleaning_empties_is_named(tiny_ckpt):
+    # the checkpoint's clean-up (AG News's here) strips the tags: nothing is left to classify
+    with pytest.raises(UserError, match=r"text 2 \('<b> </b>'\) is empty once cleaned"):
+        predict.main(["--ckpt", tiny_ckpt, "--device", "cpu", "team cup", "<b> </b>"])
