@@ -1,8 +1,10 @@
-"""AG News data: read and clean the CSVs, split, tokenize once, and batch with dynamic padding.
+"""Data: read and clean the CSVs, split, tokenize once, and batch with dynamic padding.
 
-The CSV format is the original one (no header, every field quoted,
-`class index 1-4, title, description`); a headered variant (`Class Index,Title,Description`) is
-accepted too. Text = title + description.
+Two layouts. AG News's own, with no flags: no header, every field quoted,
+`class index 1-4, title, description` (a header `Class Index,Title,Description` is skipped), text =
+title + description, class names from classes.txt. Or a user's CSV (a TSV by its .tsv extension)
+with a header row: --text-columns (joined with a space) and --label-column, labels words or
+integers, class names those labels sorted, or classes.txt's order.
 """
 import csv
 import hashlib
@@ -18,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, atomic_save, respect_umask
+from common import UserError, atomic_save, positive, respect_umask
 
+DEFAULT_DATA_DIR = "data/ag_news"  # the only folder AG News is downloaded into
 DEFAULT_CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 # torchtext's AG_NEWS source; md5 of the exact files (see README, "Data").
 DOWNLOAD_URL = ("https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/"
@@ -75,13 +78,8 @@ def decode_utf8(path, raw):
                         f"({err.reason} at byte {err.start})") from None
 
 
-def _is_header(row):
-    first = row[0].strip().lower() if row else ""
-    return not first.isdigit() and ("class" in first or "label" in first)
-
-
-def read_csv(path, num_classes=4):
-    """Read one AG News CSV -> (texts, labels 0..num_classes-1). Errors name the file and line."""
+def read_text(path):
+    """A data file's text: UTF-8, no NUL byte; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -89,22 +87,37 @@ def read_csv(path, num_classes=4):
     if "\0" in text:
         line = text[: text.index("\0")].count("\n") + 1
         raise UserError(f"{path}:{line}: NUL byte in the file (is it really a CSV?)")
+    return text
+
+
+def _is_header(row):
+    first = row[0].strip().lower() if row else ""
+    return not first.isdigit() and ("class" in first or "label" in first)
+
+
+def read_csv(path, num_classes=4, how="agnews"):
+    """Read one CSV in AG News's layout -> (texts, labels 0..num_classes-1), each text its title
+    and description cleaned (data.clean). Errors name the file and line."""
+    path = Path(path)
+    text = read_text(path)
     texts, labels, dropped = [], [], 0
     # a huge row is read whole (then truncated by the tokenizer), not refused
     csv.field_size_limit(1 << 26)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    hint = " (a file with a header of its own: pass --text-columns and --label-column)"
     try:
         for row in reader:
-            if reader.line_num == 1 and _is_header(row) or row == []:
+            if (reader.line_num == 1 and _is_header(row)) or row == []:
                 continue
-            where = f"{path}:{reader.line_num}"
+            where, first = f"{path}:{reader.line_num}", reader.line_num == 1
             if len(row) != 3:
                 raise UserError(f"{where}: expected 3 fields (class index, title, description), "
-                                f"got {len(row)}")
+                                f"got {len(row)}" + (hint if first else ""))
             label = row[0].strip()
             if not label.isdigit() or not 1 <= int(label) <= num_classes:
-                raise UserError(f"{where}: class index must be 1-{num_classes}, got {label!r}")
-            title, description = clean_text(row[1]), clean_text(row[2])
+                raise UserError(f"{where}: class index must be 1-{num_classes}, got {label!r}"
+                                + (hint if first else ""))
+            title, description = clean(row[1], how), clean(row[2], how)
             if not title and not description:
                 dropped += 1
                 continue
@@ -119,14 +132,96 @@ def read_csv(path, num_classes=4):
     return texts, labels
 
 
+def read_table(path, text_columns, label_column, how):
+    """Read a CSV (or, by its .tsv extension, a TSV) with a header row -> (texts, labels as
+    strings, line numbers). A text is its text columns cleaned (data.clean) and joined with a
+    space; a row whose text columns are all empty is dropped and counted."""
+    import pandas as pd
+
+    path, kind = Path(path), "TSV" if str(path).endswith(".tsv") else "CSV"
+    text = read_text(path)
+    try:
+        table = pd.read_csv(io.StringIO(text), sep="\t" if kind == "TSV" else ",", dtype=str,
+                            keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: no data rows (an empty file)") from None
+    except pd.errors.ParserError as err:
+        raise UserError(f"{path}: malformed {kind} ({str(err).strip().splitlines()[-1]})") from None
+    for flag, name in [("--text-columns", c) for c in text_columns] + [("--label-column",
+                                                                        label_column)]:
+        if name not in table.columns:
+            raise UserError(f"{path}: {flag} {name}: no such column; the columns are "
+                            f"{list(table.columns)}")
+    if table.empty:
+        raise UserError(f"{path}: no data rows (only a header)")
+    lines = record_lines(text, "\t" if kind == "TSV" else ",")
+    texts, labels, keep, dropped = [], [], [], 0
+    for i, row in enumerate(table[[*text_columns, label_column]].itertuples(index=False)):
+        # a row with fewer fields than the header has NaN (a float) in the missing ones
+        parts = [clean(value, how) if isinstance(value, str) else "" for value in row[:-1]]
+        label = row[-1].strip() if isinstance(row[-1], str) else ""
+        if not label:
+            raise UserError(f"{path}:{lines[i]}: no label in column {label_column!r}")
+        if not any(parts):
+            dropped += 1
+            continue
+        texts.append(" ".join(p for p in parts if p))
+        labels.append(label)
+        keep.append(lines[i])
+    if dropped:
+        print(f"{path}: dropped {dropped} rows whose text columns {text_columns} are all empty")
+    if not texts:
+        raise UserError(f"{path}: no row has any text in the columns {text_columns}")
+    return texts, labels, keep
+
+
+def record_lines(text, sep):
+    """The line each data record of a headered CSV/TSV ends on (a quoted field may span lines),
+    blank lines skipped as pandas skips them."""
+    csv.field_size_limit(1 << 26)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    next(reader, None)  # the header
+    return [reader.line_num for row in reader if row and row != [""]]
+
+
 def read_class_names(data_dir):
     path = Path(data_dir) / "classes.txt"
     if not path.is_file():
-        return list(DEFAULT_CLASS_NAMES)
+        return None
     names = [line.strip() for line in decode_utf8(path, path.read_bytes()).splitlines()
              if line.strip()]
     if len(names) < 2:
         raise UserError(f"{path}: expected one class name per line, found {len(names)}")
+    return names
+
+
+def agnews_class_names(data_dir, class_names=None):
+    """AG News's layout: classes.txt's names (or AG News's four), checked against a checkpoint's
+    class_names if given: its head's outputs mean those."""
+    names = read_class_names(data_dir) or DEFAULT_CLASS_NAMES
+    if class_names is not None and names != class_names:
+        raise UserError(f"the checkpoint was trained on classes {class_names}, but "
+                        f"{Path(data_dir) / 'classes.txt'} lists {names}. Pass the --data-dir "
+                        f"of that run.")
+    return names
+
+
+def label_ids(labels, lines, class_names, path, named_by):
+    """Labels (strings) -> their indices in class_names; one that is not there is an error naming
+    the file and line."""
+    index = {name: i for i, name in enumerate(class_names)}
+    for label, line in zip(labels, lines):
+        if label not in index:
+            raise UserError(f"{path}:{line}: label {label!r} is not one of the classes "
+                            f"{class_names} ({named_by})")
+    return [index[label] for label in labels]
+
+
+def sorted_labels(labels):
+    """The class names a set of labels gives: sorted, as numbers where every label is one."""
+    names = sorted(set(labels))
+    if all(re.fullmatch(r"-?\d+", name) for name in names):
+        names.sort(key=int)
     return names
 
 
@@ -173,63 +268,134 @@ def ensure_data(data_dir, splits=("train.csv", "test.csv")):
             download(name, data_dir)
 
 
-def stratified_split(labels, val_size, seed):
-    """Indices (train, val) of a stratified, seeded split; val_size is a fraction or a row count."""
+# ------------------------------------------------------------------------------------- splits
+def stratified_split(labels, size, seed, flag="--val-size"):
+    """Indices (kept, held out) of a stratified, seeded split; size is a fraction or a row
+    count."""
     from sklearn.model_selection import train_test_split
 
+    size = int(size) if size >= 1 else size
     try:
-        train_idx, val_idx = train_test_split(
-            list(range(len(labels))), test_size=val_size, stratify=labels, random_state=seed
-        )
+        kept, held_out = train_test_split(list(range(len(labels))), test_size=size,
+                                          stratify=labels, random_state=seed)
     except ValueError as err:
-        raise UserError(f"--val-size {val_size}: cannot carve a stratified split "
-                        f"from {len(labels)} rows ({err})")
-    return sorted(train_idx), sorted(val_idx)
+        raise UserError(f"{flag} {size}: cannot carve a stratified split "
+                        f"from {len(labels)} rows ({err})") from None
+    return sorted(kept), sorted(held_out)
 
 
-def load_splits(data_dir, val_size, seed, max_train_samples=None):
-    """-> class names and (texts, labels) of the train, validation and test splits. The validation
-    rows are a stratified, seeded share of train.csv: the same (val_size, seed) always gives the
-    same rows, which is how evaluate.py --split val finds the rows a run validated on."""
-    ensure_data(data_dir)
-    class_names = read_class_names(data_dir)
-    texts, labels = read_csv(Path(data_dir) / "train.csv", len(class_names))
-    missing = [name for c, name in enumerate(class_names) if c not in set(labels)]
-    if missing:
-        raise UserError(f"{Path(data_dir) / 'train.csv'}: no rows of class {missing} "
-                        f"(classes.txt lists {class_names}); "
+def add_data_flags(parser):
+    """train.py's flags for where the data is, how to read it, and how to split it."""
+    p = parser
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with train.csv, and "
+                   "test.csv if there is one (AG News is downloaded into the default folder)")
+    p.add_argument("--text-columns", nargs="+", help="a headered CSV/TSV's text columns, joined")
+    p.add_argument("--label-column", help="a headered CSV/TSV's label column (words or integers)")
+    p.add_argument("--clean", choices=["auto", "agnews", "none"], default="auto",
+                   help="AG News's clean-up of its scrape artefacts; auto: for its layout only")
+    p.add_argument("--test-size", type=positive(float), default=0.1,
+                   help="without test.csv: fraction (or row count) of train.csv held out")
+    p.add_argument("--val-size", type=positive(float), default=0.05,
+                   help="fraction (or row count) of train.csv held out for validation")
+    p.add_argument("--max-train-samples", type=positive(int), help="train on a random subset")
+
+
+def data_layout(config):
+    """The flags that say how to read a data folder -> {"columns": (text columns, label column)
+    or None for AG News's layout, "clean": "agnews" or "none"}."""
+    text_columns, label_column = config.get("text_columns"), config.get("label_column")
+    if bool(text_columns) != bool(label_column):
+        raise UserError("--text-columns and --label-column go together: name the text columns "
+                        "and the label column of your file")
+    columns = (list(text_columns), label_column) if text_columns else None
+    how = config.get("clean", "auto")
+    return {"columns": columns,
+            "clean": ("none" if columns else "agnews") if how == "auto" else how}
+
+
+def data_file(data_dir, split):
+    """data_dir's train or test file: split.csv, or split.tsv; None if neither is there."""
+    for name in (f"{split}.csv", f"{split}.tsv"):
+        if (Path(data_dir) / name).is_file():
+            return Path(data_dir) / name
+    return None
+
+
+def read_split(path, layout, class_names, named_by):
+    """One data file -> (texts, label ids). Labels are read by class_names' order (None: AG News's
+    class indices, for its layout)."""
+    if layout["columns"] is None:
+        return read_csv(path, len(class_names), layout["clean"])
+    texts, labels, lines = read_table(path, *layout["columns"], layout["clean"])
+    return texts, label_ids(labels, lines, class_names, path, named_by)
+
+
+def load_splits(config, data_dir=None, class_names=None):
+    """config: train.py's flags (a run's, or a checkpoint's "config"); data_dir: another folder
+    than config["data_dir"]; class_names: the checkpoint's (labels are read by them). -> {
+    "class_names", "train", "val", "test": (texts, label ids), "test_from": a description, "clean":
+    the clean-up applied}. The
+    same flags always give the same rows: the test split is test.csv, or a stratified share of
+    train.csv (--test-size); the validation split a stratified share of the rest (--val-size);
+    both seeded by --seed. That is how evaluate.py --split val finds the rows a run validated on.
+    """
+    data_dir, layout = Path(data_dir or config["data_dir"]), data_layout(config)
+    if layout["columns"] is None and data_dir == Path(DEFAULT_DATA_DIR):
+        ensure_data(data_dir)  # AG News itself, into its own folder only
+    train_path, test_path = data_file(data_dir, "train"), data_file(data_dir, "test")
+    if train_path is None:
+        raise UserError(f"--data-dir {data_dir}: no train.csv (or train.tsv) there")
+    listed = read_class_names(data_dir)
+    if layout["columns"] is None:  # class index k is the k-th name of classes.txt
+        names = agnews_class_names(data_dir, class_names)
+        texts, labels = read_csv(train_path, len(names), layout["clean"])
+    else:
+        texts, raw, lines = read_table(train_path, *layout["columns"], layout["clean"])
+        names = class_names or listed or sorted_labels(raw)
+        named_by = ("the checkpoint's" if class_names else
+                    f"listed in {data_dir / 'classes.txt'}" if listed else "those of train")
+        labels = label_ids(raw, lines, names, train_path, named_by)
+    missing = [name for c, name in enumerate(names) if c not in set(labels)]
+    if missing and class_names is None:
+        raise UserError(f"{train_path}: no rows of class {missing} (the classes are {names}); "
                         f"the model cannot learn a class it never sees")
-    test = read_csv(Path(data_dir) / "test.csv", len(class_names))
-    train_idx, val_idx = stratified_split(labels, int(val_size) if val_size >= 1 else val_size,
-                                          seed)
-    if max_train_samples and max_train_samples < len(train_idx):
-        train_idx = sorted(random.Random(seed).sample(train_idx, max_train_samples))
+    if test_path is not None:
+        test = read_split(test_path, layout, names, f"those of {train_path.name}")
+        rows, test_from = list(range(len(labels))), test_path.name
+    else:
+        rows, test_rows = stratified_split(labels, config["test_size"], config["seed"],
+                                           "--test-size")
+        test = ([texts[i] for i in test_rows], [labels[i] for i in test_rows])
+        test_from = f"{len(test_rows)} rows of {train_path.name} held out (--test-size)"
+    kept, val_rows = stratified_split([labels[i] for i in rows], config["val_size"],
+                                      config["seed"])
+    train_rows, val_rows = [rows[i] for i in kept], [rows[i] for i in val_rows]
+    if config.get("max_train_samples") and config["max_train_samples"] < len(train_rows):
+        train_rows = sorted(random.Random(config["seed"]).sample(train_rows,
+                                                                 config["max_train_samples"]))
     pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
-    return class_names, pick(train_idx), pick(val_idx), test
+    return {"class_names": names, "train": pick(train_rows), "val": pick(val_rows), "test": test,
+            "test_from": test_from, "clean": layout["clean"]}
 
 
-def load_checkpoint_split(ckpt, ckpt_path, data_dir, split):
-    """-> data_dir (None: the checkpoint's run's), and the texts, labels of its test split or of
-    its validation split exactly as the run carved it (its --val-size and --seed). The head's
-    outputs mean the checkpoint's classes: data whose classes.txt lists others is refused, as
-    scoring against it would be silently wrong."""
-    data_dir = data_dir or ckpt["config"]["data_dir"]
-    class_names = read_class_names(data_dir)
-    if class_names != ckpt["class_names"]:
-        raise UserError(f"--ckpt {ckpt_path} was trained on classes {ckpt['class_names']}, but "
-                        f"{Path(data_dir) / 'classes.txt'} lists {class_names}. "
-                        f"Pass the --data-dir of that run.")
-    if split == "test":
-        ensure_data(data_dir, ("test.csv",))
-        return data_dir, read_csv(Path(data_dir) / "test.csv", len(class_names))
-    if not (Path(data_dir) / "train.csv").is_file():
-        raise UserError(f"--split val: {Path(data_dir) / 'train.csv'} not found; "
-                        f"the validation rows are carved from the run's train.csv "
-                        f"(use --split test, or --data-dir of that run)")
-    config = ckpt["config"]
-    _, _, val, _ = load_splits(data_dir, config["val_size"], config["seed"],
-                               config.get("max_train_samples"))
-    return data_dir, val
+def load_checkpoint_split(ckpt, data_dir, split):
+    """-> data_dir, and the texts, labels of a checkpoint's test split, or of its validation split
+    exactly as its run carved it. data_dir (None: the run's) is read as the run read its own (its
+    columns and clean-up), labels by the checkpoint's classes: scoring against other classes would
+    be silently wrong."""
+    config, class_names = ckpt["config"], ckpt["class_names"]
+    data_dir = Path(data_dir or config["data_dir"])
+    test_path = data_file(data_dir, "test")
+    if split == "test" and test_path is not None:  # needs no train.csv
+        layout = data_layout(config)
+        if layout["columns"] is None:
+            agnews_class_names(data_dir, class_names)
+        return data_dir, read_split(test_path, layout, class_names, "the checkpoint's")
+    if data_file(data_dir, "train") is None:
+        raise UserError(f"--split {split}: {data_dir / 'train.csv'} not found; the run carved its "
+                        f"{split} rows from its train.csv (pass the --data-dir of that run"
+                        + (", or use --split test)" if split == "val" else ")"))
+    return data_dir, load_splits(config, data_dir, class_names)[split]
 
 
 # ------------------------------------------------------------------------------------- tokens

@@ -129,7 +129,7 @@ def main(argv=None):
     args = parse_args(build_parser(), argv)
     model, tokenizer, ckpt, device, amp_dtype = load_trained(args.ckpt, args.device, args.amp,
                                                              args.amp_dtype)
-    data_dir, (texts, labels) = load_checkpoint_split(ckpt, args.ckpt, args.data_dir, args.split)
+    data_dir, (texts, labels) = load_checkpoint_split(ckpt, args.data_dir, args.split)
     out_dir, class_names = reports_dir(args.output_dir, args.ckpt), ckpt["class_names"]
 
     step = ckpt["position"]["step"]

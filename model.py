@@ -60,8 +60,9 @@ class TopicClassifier(nn.Module):
         return self.head(self.dropout(self.embed(input_ids, attention_mask)))
 
 
-def load_pretrained(name):
-    """Encoder and tokenizer from a hub name or a local folder; a clear error if that fails."""
+def load_pretrained(name, max_length=None):
+    """Encoder and tokenizer from a hub name or a local folder; a clear error if that fails, or if
+    the encoder takes fewer than max_length tokens."""
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -79,6 +80,9 @@ def load_pretrained(name):
     if not tokenizer.is_fast:
         raise UserError(f"--model {name!r}: needs a fast (Rust) tokenizer; this one is "
                         f"{type(tokenizer).__name__}")
+    limit = model_max_length(tokenizer, encoder.config)
+    if max_length and max_length > limit:
+        raise UserError(f"--max-length {max_length}: {name} takes at most {limit} tokens")
     return encoder, tokenizer
 
 

@@ -42,14 +42,13 @@ from common import (
     to_device,
 )
 from cpu_speed import speed_up_cpu_training
-from data import collate, file_md5, load_splits, step_batches, tokenize_cached
+from data import add_data_flags, collate, file_md5, load_splits, step_batches, tokenize_cached
 from model import (
     TopicClassifier,
     check_room,
     evaluate_model,
     load_pretrained,
     make_checkpoint,
-    model_max_length,
     prepare_output_dir,
     read_checkpoint,
     save_checkpoint,
@@ -88,22 +87,24 @@ def run(args, stop, rank, world, device):
 
     # ---- data: read, clean, split, tokenize once (each batch is padded to its longest row later)
     with distributed.rank_zero_first():  # collective: one download, one tokenizer cache
-        class_names, train, val, test = load_splits(args.data_dir, args.val_size, args.seed,
-                                                    args.max_train_samples)
-        encoder, tokenizer = load_pretrained(args.model)
-        limit = model_max_length(tokenizer, encoder.config)
-        if args.max_length > limit:
-            raise UserError(f"--max-length {args.max_length}: {args.model} takes at most {limit} "
-                            f"tokens")
+        splits = load_splits(vars(args))  # class names; (texts, label ids) of train, val, test
+        encoder, tokenizer = load_pretrained(args.model, args.max_length)
         cache = Path(args.cache_dir).expanduser()
-        train_ids, val_ids, test_ids = (tokenize_cached(tokenizer, texts, args.max_length, cache)
-                                        for texts, _ in (train, val, test))
-    train_lengths, train_labels = [len(ids) for ids in train_ids], torch.tensor(train[1])
-    pad_id, multiple = tokenizer.pad_token_id, pad_multiple(device, amp_dtype)
-    print(f"train {len(train_ids)} rows, val {len(val_ids)}, test {len(test_ids)}; mean train "
-          f"length {sum(train_lengths) / len(train_lengths):.1f} tokens; classes {class_names}; "
-          f"global batch {args.batch_size} rows x {world} processes x {args.grad_accum_steps} "
-          f"accumulated = {args.batch_size * world * args.grad_accum_steps}")
+        token_ids = {name: tokenize_cached(tokenizer, splits[name][0], args.max_length, cache)
+                     for name in ("train", "val", "test")}
+    class_names, train_labels = splits["class_names"], torch.tensor(splits["train"][1])
+    train_ids, pad_id = token_ids["train"], tokenizer.pad_token_id
+    train_lengths = [len(ids) for ids in train_ids]
+    multiple = pad_multiple(device, amp_dtype)  # GPUs under autocast pad to x8 for tensor cores
+    counts = torch.bincount(train_labels, minlength=len(class_names))  # (C,) rows per class
+    per_class = ", ".join(f"{n} {name}" for name, n in zip(class_names, counts.tolist()))
+    print(f"train {len(train_ids)} rows ({per_class}), val {len(token_ids['val'])}, test "
+          f"{len(token_ids['test'])} ({splits['test_from']}); mean train length "
+          f"{sum(train_lengths) / len(train_lengths):.1f} tokens; global batch {args.batch_size} "
+          f"rows x {world} processes x {args.grad_accum_steps} accumulated")
+    # --class-weights balanced: each class's loss weighted by rows / (classes x its rows)
+    class_weight = (len(train_labels) / (len(class_names) * counts.float())).to(device) \
+        if args.class_weights == "balanced" else None
 
     # ---- model, optimizer, LR schedule
     model = TopicClassifier(encoder, len(class_names), args.dropout).to(device)
@@ -125,7 +126,8 @@ def run(args, stop, rank, world, device):
     # ---- resume: last.pt's fingerprint must equal this run's, then the run goes on from there
     run_info = {"tokenizer_files": tokenizer_files(tokenizer), "class_names": class_names,
                 "max_length": args.max_length, "config": vars(args),
-                "clean": "agnews", "precision": precision_name(amp_dtype), "world_size": world}
+                "clean": splits["clean"],
+                "precision": precision_name(amp_dtype), "world_size": world}
     this_run = fingerprint(args, world, steps_per_epoch, amp_dtype)
     at = {"epoch": 0, "batch": 0, "step": 0, "best_val_accuracy": -1.0, "evals_since_best": 0}
     if args.resume:
@@ -139,9 +141,9 @@ def run(args, stop, rank, world, device):
     eval_steps = every(args.eval_every or steps_per_epoch, total_steps) | {total_steps}
     save_steps = eval_steps | every(steps_per_epoch, total_steps) | every(args.save_every,
                                                                           total_steps)
-    def score(ids, labels):  # -> loss, accuracy, macro-F1
-        return evaluate_model(model, ids, labels, pad_id, device, amp_dtype,
-                              args.eval_batch_size)[0]
+    def score(split):  # -> loss, accuracy, macro-F1 on the validation or test rows
+        return evaluate_model(model, token_ids[split], splits[split][1], pad_id, device,
+                              amp_dtype, args.eval_batch_size)[0]
     log = TrainingLog(out_dir / "metrics.jsonl", at["step"], total_steps, train_lengths, device,
                       fp16=scaler.is_enabled(), writes=rank == 0)
     train_model = distributed.wrap(model, device)  # collective; DDP averages the gradients
@@ -160,7 +162,8 @@ def run(args, stop, rank, world, device):
                 with autocast(device, amp_dtype):
                     logits = train_model(input_ids, attention_mask)  # (B, num_classes)
                 # fp32, summed, / the step's rows x processes (DDP averages): the global mean
-                loss = F.cross_entropy(logits.float(), targets, reduction="sum") * world / step_rows
+                loss = F.cross_entropy(logits.float(), targets, weight=class_weight,
+                                       reduction="sum") * world / step_rows
                 scaler.scale(loss).backward()  # fp16: scaled up so gradients don't underflow
             log.micro_batch(loss)
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
@@ -175,8 +178,7 @@ def run(args, stop, rank, world, device):
         if step in log_steps:  # collective: the loss summed over the processes
             log.line(epoch, step, lr, distributed.all_sum(log.loss_sum.clone()) / world)
         if step in eval_steps:  # rank 0 scores every validation row; collective: all get them
-            metrics = distributed.broadcast_from_rank0(score(val_ids, val[1]) if rank == 0
-                                                       else None)
+            metrics = distributed.broadcast_from_rank0(score("val") if rank == 0 else None)
             log.evaluation("val", step, metrics, epoch)
             at["evals_since_best"] += 1
             if metrics["accuracy"] > at["best_val_accuracy"]:
@@ -202,7 +204,7 @@ def run(args, stop, rank, world, device):
 
     # ---- final report: the best checkpoint on the held-out test set
     model.load_state_dict(read_checkpoint(out_dir / "best.pt")["model"])
-    metrics = score(test_ids, test[1])
+    metrics = score("test")
     log.evaluation("test", at["step"], metrics)
     log.close()
     result = {"val_accuracy": at["best_val_accuracy"],
@@ -215,10 +217,10 @@ def run(args, stop, rank, world, device):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Fine-tune a BERT-family encoder on AG News.")
+    p = argparse.ArgumentParser(description="Fine-tune a BERT-family encoder on AG News, or on "
+                                "your own labelled texts.")
     p.add_argument("--model", default="bert-base-uncased", help="hub name or local folder")
-    p.add_argument("--data-dir", default="data/ag_news",
-                   help="folder with train.csv, test.csv (downloaded if missing)")
+    add_data_flags(p)  # --data-dir, its layout (--text-columns, ...), the splits
     p.add_argument("--output-dir", default=".", help="where best.pt, last.pt and metrics.jsonl go")
     p.add_argument("--epochs", type=positive(int), default=3)
     p.add_argument("--batch-size", type=positive(int), default=32, help="per process")
@@ -231,9 +233,8 @@ def build_parser():
     p.add_argument("--dropout", type=non_negative(float), default=0.1, help="before the head")
     add_device_flags(p)
     p.add_argument("--max-length", type=positive(int), default=128, help="tokens kept per text")
-    p.add_argument("--val-size", type=positive(float), default=0.05,
-                   help="fraction (or row count) of train.csv held out for validation")
-    p.add_argument("--max-train-samples", type=positive(int), help="train on a random subset")
+    p.add_argument("--class-weights", choices=["none", "balanced"], default="none",
+                   help="balanced: weight each class's loss by inverse class frequency")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch rows of similar length together (less padding)")
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "agnews-bert")

@@ -95,7 +95,9 @@ def prepare_data(args, work):
     (work / "data" / "test.csv").write_text(
         "".join(test_lines if args.full_epoch else test_lines[:64]), encoding="utf-8")
     # exactly the rows train.py trains on
-    _, train_split, _, test_split = load_splits(work / "data", 64, args.seed)
+    flags = ["--data-dir", str(work / "data"), "--val-size", "64", "--seed", str(args.seed)]
+    splits = load_splits(vars(train.build_parser().parse_args(flags)))
+    train_split, test_split = splits["train"], splits["test"]
     return train_split, test_split
 
 

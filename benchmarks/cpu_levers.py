@@ -29,13 +29,15 @@ def run_variant(variant, args):
     import torch.nn.functional as F
 
     import cpu_speed
+    import train
     from data import batch_order, collate, load_splits, tokenize
     from model import TopicClassifier, load_pretrained
 
     if variant != "plain":
         cpu_speed.keep_freed_memory()
     encoder, tokenizer = load_pretrained(args.model)
-    _, (texts, labels), _, _ = load_splits(args.data_dir, 0.05, seed=42)
+    texts, labels = load_splits(vars(train.build_parser().parse_args(
+        ["--data-dir", args.data_dir])))["train"]
     token_ids = tokenize(tokenizer, texts, 128)
     batches = batch_order([len(t) for t in token_ids], args.batch_size, shuffle=True,
                           seed=42)[: args.steps + 5]

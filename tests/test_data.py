@@ -127,9 +127,10 @@ def test_rows_with_empty_title_and_description_are_dropped_and_counted(tmp_path,
 
 
 def test_class_names_from_classes_txt_or_default(tmp_path):
-    assert data.read_class_names(tmp_path) == ["World", "Sports", "Business", "Sci/Tech"]
+    assert data.agnews_class_names(tmp_path) == ["World", "Sports", "Business", "Sci/Tech"]
+    assert data.read_class_names(tmp_path) is None
     (tmp_path / "classes.txt").write_text("A\nB\nC\n")
-    assert data.read_class_names(tmp_path) == ["A", "B", "C"]
+    assert data.read_class_names(tmp_path) == data.agnews_class_names(tmp_path) == ["A", "B", "C"]
 
 
 class FakeResponse(io.BytesIO):

@@ -72,9 +72,9 @@ def test_a_stop_during_the_set_up_ends_at_once_and_saves_nothing(tiny_model_dir,
                                                                   tmp_path, monkeypatch, capsys):
     real_load_pretrained = train.load_pretrained
 
-    def ctrl_c_while_loading(name):  # a real SIGINT, as while a model downloads
+    def ctrl_c_while_loading(*args):  # a real SIGINT, as while a model downloads
         os.kill(os.getpid(), signal.SIGINT)
-        return real_load_pretrained(name)
+        return real_load_pretrained(*args)
     monkeypatch.setattr(train, "load_pretrained", ctrl_c_while_loading)
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, *FLAGS))
