@@ -154,12 +154,11 @@ def read_table(path, text_columns, label_column, how):
                             f"{list(table.columns)}")
     if table.empty:
         raise UserError(f"{path}: no data rows (only a header)")
-    lines = record_lines(text, "\t" if kind == "TSV" else ",")
+    lines = record_lines(path, text, "\t" if kind == "TSV" else ",", len(table.columns))
     texts, labels, keep, dropped = [], [], [], 0
     for i, row in enumerate(table[[*text_columns, label_column]].itertuples(index=False)):
-        # a row with fewer fields than the header has NaN (a float) in the missing ones
-        parts = [clean(value, how) if isinstance(value, str) else "" for value in row[:-1]]
-        label = row[-1].strip() if isinstance(row[-1], str) else ""
+        parts = [clean(value, how) for value in row[:-1]]
+        label = row[-1].strip()
         if not label:
             raise UserError(f"{path}:{lines[i]}: no label in column {label_column!r}")
         if not any(parts):
@@ -175,13 +174,21 @@ def read_table(path, text_columns, label_column, how):
     return texts, labels, keep
 
 
-def record_lines(text, sep):
+def record_lines(path, text, sep, width):
     """The line each data record of a headered CSV/TSV ends on (a quoted field may span lines),
-    blank lines skipped as pandas skips them."""
+    blank lines skipped as pandas skips them; a record whose fields are not as many as the
+    header's is an error (pandas would shift a longer first one into an index)."""
     csv.field_size_limit(1 << 26)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
     next(reader, None)  # the header
-    return [reader.line_num for row in reader if row and row != [""]]
+    lines = []
+    for row in reader:
+        if row and row != [""]:
+            if len(row) != width:
+                raise UserError(f"{path}:{reader.line_num}: expected {width} fields, as the "
+                                f"header has, got {len(row)}")
+            lines.append(reader.line_num)
+    return lines
 
 
 def read_class_names(data_dir):

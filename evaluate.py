@@ -81,32 +81,40 @@ def write_mistakes(rows, path):
 
 
 # ------------------------------------------------------------------------------------- pictures
-CONFUSION_FIGSIZE, CONFUSION_DPI = (6.4, 5.6), 110
+CONFUSION_DPI = 110
 
 
 def plot_confusion(matrix, class_names, title, path):
     """Heat map of the row-normalised rates (recall per gold class) with the raw counts in each
-    cell."""
+    cell, sized so that 20 classes stay readable. -> the figure."""
     # a bare Figure: no pyplot, no GUI backend, no global state
     from matplotlib.figure import Figure
 
+    n = len(class_names)
     counts = torch.tensor(matrix, dtype=torch.float64)
     rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    fig = Figure(figsize=CONFUSION_FIGSIZE, layout="constrained")
+    side = max(5.6, 0.42 * n + 2.5)  # inches: ~0.4 per class beyond the labels and the colour bar
+    fig = Figure(figsize=(side + 0.8, side), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, label="share of the gold class (row-normalised)")
-    for i in range(len(class_names)):
-        for j in range(len(class_names)):
-            ax.text(j, i, f"{int(counts[i, j])}\n{rates[i, j]:.1%}", ha="center", va="center",
-                    fontsize=9, color="white" if rates[i, j] > 0.5 else "black")
-    ticks = range(len(class_names))
-    ax.set_xticks(ticks, class_names, rotation=30, ha="right")
-    ax.set_yticks(ticks, class_names)
+    fig.colorbar(image, ax=ax, label="share of the gold class (row-normalised)", shrink=0.8)
+    fontsize = 9 if n <= 8 else 7
+    for i in range(n):
+        for j in range(n):
+            if n > 8 and counts[i, j] == 0:
+                continue  # many classes: empty cells stay blank, so the mistakes stand out
+            text = f"{int(counts[i, j])}" + (f"\n{rates[i, j]:.1%}" if n <= 8 else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ticks = range(n)
+    ax.set_xticks(ticks, class_names, rotation=30 if n <= 8 else 90,
+                  ha="right" if n <= 8 else "center", fontsize=fontsize + 1)
+    ax.set_yticks(ticks, class_names, fontsize=fontsize + 1)
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
     ax.set_title(title, fontsize=10)
     fig.savefig(path, dpi=CONFUSION_DPI)
+    return fig
 
 
 # ------------------------------------------------------------------------------------- main

@@ -178,9 +178,21 @@ def fit_perplexity(perplexity, num_points):
 
 
 # ------------------------------------------------------------------------------------- pictures
+def class_colours(n):
+    """n distinct colours: matplotlib's 10 defaults, tab20 up to 20 classes, then a sweep of
+    turbo."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [f"C{k}" for k in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](k) for k in range(n)]
+    return [colormaps["turbo"](k / (n - 1)) for k in range(n)]
+
+
 def plot_maps(panels, labels, wrong, class_names, suptitle, path):
     """One scatter per panel, coloured by gold class, the fine-tuned model's mistakes marked with a
-    black x."""
+    black x. -> the figure."""
     # a bare Figure: no pyplot, no GUI backend, no global state
     from matplotlib.figure import Figure
 
@@ -188,8 +200,8 @@ def plot_maps(panels, labels, wrong, class_names, suptitle, path):
     size = float(np.clip(16000 / len(labels), 2, 12))  # smaller dots for more points
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         xy = panel["coords"]
-        for k, name in enumerate(class_names):
-            ax.scatter(*xy[labels == k].T, s=size, color=f"C{k}", alpha=0.7, linewidths=0,
+        for k, (name, colour) in enumerate(zip(class_names, class_colours(len(class_names)))):
+            ax.scatter(*xy[labels == k].T, s=size, color=colour, alpha=0.7, linewidths=0,
                        label=name)
         ax.scatter(*xy[wrong].T, s=size * 2, marker="x", color="black", linewidths=0.7,
                    label=f"misclassified by the fine-tuned model ({wrong.sum()})")
@@ -198,12 +210,14 @@ def plot_maps(panels, labels, wrong, class_names, suptitle, path):
         ax.set_xticks([])
         ax.set_yticks([])
     handles, names = ax.get_legend_handles_labels()
-    legend = fig.legend(handles, names, loc="outside lower center", ncols=3, fontsize=9,
-                        frameon=False)
+    columns = 3 if len(names) <= 6 else min(6, -(-len(names) // 3))  # at most about 4 rows
+    legend = fig.legend(handles, names, loc="outside lower center", ncols=columns,
+                        fontsize=9 if len(names) <= 10 else 8, frameon=False)
     for handle in legend.legend_handles:
         handle.set_sizes([30])  # legible legend markers, however small the dots
     fig.suptitle(suptitle, fontsize=11)
     fig.savefig(path, dpi=EMBEDDING_DPI)
+    return fig
 
 
 def read_metrics(path):
