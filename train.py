@@ -1,4 +1,4 @@
-"""Fine-tune a BERT-family encoder plus a linear head on AG News.
+"""Fine-tune a BERT-family encoder plus a linear head on AG News, or on your own labelled texts.
 
     python train.py --epochs 3 --amp    # bert-base-uncased; writes best.pt, last.pt, metrics.jsonl
     %run train.py --epochs 3 --amp      # the same in a notebook
@@ -125,8 +125,7 @@ def run(args, stop, rank, world, device):
 
     # ---- resume: last.pt's fingerprint must equal this run's, then the run goes on from there
     run_info = {"tokenizer_files": tokenizer_files(tokenizer), "class_names": class_names,
-                "max_length": args.max_length, "config": vars(args),
-                "clean": splits["clean"],
+                "max_length": args.max_length, "config": vars(args), "clean": splits["clean"],
                 "precision": precision_name(amp_dtype), "world_size": world}
     this_run = fingerprint(args, world, steps_per_epoch, amp_dtype)
     at = {"epoch": 0, "batch": 0, "step": 0, "best_val_accuracy": -1.0, "evals_since_best": 0}

@@ -1,0 +1,45 @@
+"""benchmarks/bench_train.py fits the machine it runs on: no set-up in emulated bf16 unless named,
+and the fp32 comparison with the Trainer's best set-up runs end to end."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from common import UserError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_train
+
+
+@pytest.mark.parametrize("native, expected", [
+    (True, ["trainer_default", "trainer_best", "ours_fp32", "ours_amp"]),
+    (False, ["trainer_default", "trainer_best_fp32", "ours_fp32"])])
+def test_default_set_ups_follow_the_cpus_bf16_units(native, expected, monkeypatch):
+    monkeypatch.setattr(bench_train, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert bench_train.default_setups(cpu) == expected
+    assert bench_train.peak_dtype(cpu) == (torch.bfloat16 if native else torch.float32)
+
+
+def test_the_trainers_best_fp32_against_ours_end_to_end(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                        monkeypatch, capsys):
+    monkeypatch.setattr(bench_train, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: False)
+    summary = bench_train.main(["--model", str(tiny_model_dir), "--data-dir", str(tiny_data_dir),
+                                "--device", "cpu", "--steps", 10, "--batch-size", 16,
+                                "--setups", "trainer_best_fp32,ours_fp32,ours_amp"])
+    assert summary["peak_dtype"] == "fp32"
+    assert set(summary["results"]) == {"trainer_best_fp32", "ours_fp32", "ours_amp"}
+    assert all(r["samples_per_s"] > 0 for r in summary["results"].values())
+    out = capsys.readouterr().out
+    assert "| % of fp32 peak |" in out and "(native bf16: no)" in out
+    # --amp on a CPU without native bf16: train.py's own choice, fp32, not emulated bf16
+    assert "--amp runs in fp32" in out
+
+
+def test_an_unknown_set_up_is_named():
+    with pytest.raises(UserError, match=r"--setups: unknown \['ours_fp8'\]"):
+        bench_train.main(["--setups", "ours_fp8", "--device", "cpu"])
