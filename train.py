@@ -47,6 +47,7 @@ from model import (
     TopicClassifier,
     check_room,
     evaluate_model,
+    fit_temperature,
     load_pretrained,
     make_checkpoint,
     model_max_length,
@@ -201,16 +202,23 @@ def run(args, stop, rank, world, device):
         return None
 
     # ---- final report: the best checkpoint on the held-out test set
-    model.load_state_dict(read_checkpoint(out_dir / "best.pt")["model"])
+    best = read_checkpoint(out_dir / "best.pt")
+    model.load_state_dict(best["model"])
+    # calibrated probabilities: one temperature, fitted on the validation logits (never the test's)
+    val_logits = evaluate_model(model, val_ids, val[1], pad_id, device, amp_dtype,
+                                args.eval_batch_size)[1]  # (N_val, C)
+    best["temperature"] = fit_temperature(val_logits, val[1])
+    save_checkpoint(best, out_dir / "best.pt")
     metrics = score(test_ids, test[1])
     log.evaluation("test", at["step"], metrics)
     log.close()
-    result = {"val_accuracy": at["best_val_accuracy"],
+    result = {"val_accuracy": at["best_val_accuracy"], "temperature": best["temperature"],
               **{f"test_{k}": v for k, v in metrics.items()}}
     (out_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": "best.pt", **result},
                                                           indent=1))
     print(f"best.pt: val accuracy {result['val_accuracy']:.4f}, test accuracy "
-          f"{metrics['accuracy']:.4f}, test macro-F1 {metrics['macro_f1']:.4f}")
+          f"{metrics['accuracy']:.4f}, test macro-F1 {metrics['macro_f1']:.4f}, temperature "
+          f"{best['temperature']:.3f}")
     return result
 
 
