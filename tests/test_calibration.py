@@ -52,20 +52,21 @@ def test_the_temperature_is_the_nll_minimum_a_grid_finds():
 
 
 def test_ece_and_its_bins_by_hand():
-    # top probabilities 0.95, 0.95, 0.62, 0.62, 0.5 (the other classes share the rest)
+    # top probabilities 0.95, 0.95, 0.62, 0.68, 0.5 (the other classes share the rest)
     probs = torch.tensor([[0.95, 0.05, 0.0], [0.05, 0.95, 0.0], [0.62, 0.38, 0.0],
-                          [0.38, 0.62, 0.0], [0.5, 0.25, 0.25]])
-    labels = torch.tensor([0, 0, 0, 1, 2])  # right, wrong, right, right, wrong
+                          [0.32, 0.68, 0.0], [0.5, 0.25, 0.25]])
+    labels = torch.tensor([0, 0, 0, 0, 2])  # right, wrong, right, wrong, wrong
     rows, confidence, accuracy = reliability_bins(probs, labels)  # 15 bins of width 1/15
-    # 0.95 is in bin 14 (14/15, 1], 0.62 in bin 9 (9/15, 10/15], 0.5 in bin 7 (7/15, 8/15]
-    assert rows.tolist() == [0] * 7 + [1, 0, 2] + [0] * 4 + [2]
-    assert accuracy[[7, 9, 14]].tolist() == [0.0, 1.0, 0.5]
-    assert confidence[[7, 9, 14]].tolist() == pytest.approx([0.5, 0.62, 0.95])
-    expected = (1 * abs(0 - 0.5) + 2 * abs(1 - 0.62) + 2 * abs(0.5 - 0.95)) / 5
+    # 0.95 is in bin 14 (14/15, 1], 0.68 in bin 10, 0.62 in bin 9 (9/15, 10/15], 0.5 in bin 7 (10
+    # bins would put 0.62 and 0.68 together)
+    assert rows.tolist() == [0] * 7 + [1, 0, 1, 1] + [0] * 3 + [2]
+    assert accuracy[[7, 9, 10, 14]].tolist() == [0.0, 1.0, 0.0, 0.5]
+    assert confidence[[7, 9, 10, 14]].tolist() == pytest.approx([0.5, 0.62, 0.68, 0.95])
+    expected = (abs(0 - 0.5) + abs(1 - 0.62) + abs(0 - 0.68) + 2 * abs(0.5 - 0.95)) / 5
     assert expected_calibration_error(probs, labels) == pytest.approx(expected)
     # one bin: |the accuracy - the mean confidence| of all rows
     assert expected_calibration_error(probs, labels, bins=1) == pytest.approx(
-        abs(3 / 5 - (0.95 * 2 + 0.62 * 2 + 0.5) / 5))
+        abs(2 / 5 - (0.95 * 2 + 0.62 + 0.68 + 0.5) / 5))
 
 
 @pytest.fixture(scope="module")
