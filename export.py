@@ -78,6 +78,8 @@ def main(argv=None):
     out = Path(args.out)
     check_out(out, args.overwrite)
     import_exporter()  # fail in a second, not after loading the model
+    from tokenizers import Tokenizer
+
     from model import infer, load_model, require_temperature
 
     model, tokenizer, ckpt = load_model(args.ckpt)  # fp32, eval mode: dropout off
@@ -99,7 +101,12 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         export_onnx(model, tokenizer, tmp / "model.onnx")
-        tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        # transformers leaves its last call's settings on the backend (export_onnx's max length
+        # 32): store the checkpoint's own, for any runtime that reads tokenizer.json
+        onnx_tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        onnx_tokenizer.no_padding()
+        onnx_tokenizer.enable_truncation(ckpt["max_length"])
+        onnx_tokenizer.save(str(tmp / "tokenizer.json"))
         onnx_tokenizer = open_tokenizer(tmp / "tokenizer.json", ckpt["max_length"])
         def logits(model_file, rows):  # serve.py's own path: its tokenizer, batching, runtime
             session = open_session(model_file, len(ckpt["class_names"]))

@@ -91,6 +91,10 @@ def test_the_onnx_tokenizer_gives_transformers_ids(run, exported):
     expected = tokenizer(texts, truncation=True, max_length=12)["input_ids"]
     assert [e.ids for e in onnx_tokenizer.encode_batch(texts)] == expected
     assert max(len(ids) for ids in expected) == 12  # the truncation was exercised
+    # the file itself says how to tokenize, for any runtime that reads it: no padding, truncation
+    # to the checkpoint's max_length
+    spec = json.loads((exported["fp32"][0] / "tokenizer.json").read_text())
+    assert spec["padding"] is None and spec["truncation"]["max_length"] == 128
 
 
 def test_int8_export_passes_the_accuracy_gate_and_is_smaller(exported):
