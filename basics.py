@@ -24,6 +24,17 @@ def in_notebook():
     return getattr(shell, "kernel", None) is not None
 
 
+def check_format(state, path, kind, expected, again):
+    """A file of this toolkit (kind: "checkpoint", "export") must be a dict holding this version's
+    "format"; else one line saying what it is. There is no converter: `again` says what to do."""
+    if not isinstance(state, dict) or "format" not in state:
+        raise UserError(f"{path}: not {'an' if kind[0] in 'aeiou' else 'a'} {kind} of this "
+                        f"toolkit (expected a dict with format={expected})")
+    if state["format"] != expected:
+        raise UserError(f"{path}: {kind} format {state['format']!r}, written by another version "
+                        f"of this toolkit; this one reads format {expected}. {again}")
+
+
 # ------------------------------------------------------------------------------------------ flags
 def parse_args(parser, argv=None):
     """parser.parse_args(argv). None means no flags (a notebook cell's `main()`), never the

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from basics import clean_texts
+from basics import check_format, clean_texts
 from common import (
     UserError,
     atomic_save,
@@ -243,13 +243,8 @@ def read_checkpoint(path):
     except Exception as err:  # noqa: BLE001 (a truncated file, a pickle with code, not torch's)
         raise UserError(f"{path}: not a readable checkpoint of this toolkit ({type(err).__name__}: "
                         f"{str(err).strip().splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or "format" not in state:
-        raise UserError(f"{path}: not a checkpoint of this toolkit (expected a dict with "
-                        f"format={CHECKPOINT_FORMAT})")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: checkpoint format {state['format']!r}, written by another "
-                        f"version of this toolkit; this one reads format {CHECKPOINT_FORMAT}. "
-                        f"Use the version that wrote it, or train again.")
+    check_format(state, path, "checkpoint", CHECKPOINT_FORMAT,
+                 "Use the version that wrote it, or train again.")
     return state
 
 

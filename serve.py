@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from basics import UserError, clean_texts
+from basics import UserError, check_format, clean_texts
 
 EXPORT_FORMAT = 1  # export.json's "format": raised whenever the folder's contents change
 
@@ -63,14 +63,9 @@ def read_manifest(folder):
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not readable JSON ({err})") from None
-    if not isinstance(manifest, dict) or "format" not in manifest:
-        raise UserError(f"{path}: not an export manifest of this toolkit (expected a JSON object "
-                        f"with format={EXPORT_FORMAT})")
-    if manifest["format"] != EXPORT_FORMAT:
-        raise UserError(f"{path}: export format {manifest['format']!r}, written by another version "
-                        f"of this toolkit; this one reads format {EXPORT_FORMAT}. Export again "
-                        f"with this version: python export.py --ckpt best.pt --out {folder} "
-                        f"--overwrite")
+    check_format(manifest, path, "export", EXPORT_FORMAT,
+                 f"Export again with this version: python export.py --ckpt best.pt --out "
+                 f"{folder} --overwrite")
     for name in ("model.onnx", "tokenizer.json"):
         if not (folder / name).is_file():
             raise UserError(f"{folder / name}: file not found; the export folder is incomplete "

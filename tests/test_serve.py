@@ -230,6 +230,8 @@ def set_format(copy, value):
     (lambda c: set_format(c, 2),
      r"broken/export.json: export format 2, written by another version.* reads format 1"),
     (lambda c: (c / "export.json").write_text("{"), r"broken/export.json: not readable JSON"),
+    (lambda c: (c / "export.json").write_text("[1]"),
+     r"broken/export.json: not an export of this toolkit \(expected a dict with format=1\)"),
     (lambda c: (c / "export.json").unlink(),
      r"--ckpt .*broken: not an export folder \(no export.json in it\)"),
     (lambda c: (c / "tokenizer.json").write_text("[]"),
