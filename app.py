@@ -6,7 +6,10 @@
     demo = app.main(["--ckpt", "best.pt"])       # a notebook cell: the page shows below it
                                                  # (Colab: through its proxy, for you alone)
 
-The page calls model.load_classifier, predict.py's inference path. It is also an API:
+    python app.py --ckpt export --host 0.0.0.0  # an export.py folder: no torch needed (serve.py)
+
+The page calls predict.py's inference path (model.load_classifier, or serve.py for an export
+folder), so it shows calibrated probabilities. It is also an API:
     from gradio_client import Client
     Client("http://127.0.0.1:7860/").predict("Stocks rally ...", api_name="/predict")
     # -> {"label": "Business", "confidences": [{"label": "Business", "confidence": 0.95}, ...]}
@@ -15,9 +18,8 @@ import argparse
 import os
 import sys
 
-from common import UserError, add_device_flags, in_notebook, parse_args
-from data import clean
-from model import load_classifier
+from basics import UserError, add_device_flags, clean, in_notebook, parse_args
+from serve import open_classifier
 
 EXAMPLES = [
     "Stocks rally as the Fed signals a pause in interest rate hikes",
@@ -31,7 +33,8 @@ EXAMPLES = [
 def build_parser():
     p = argparse.ArgumentParser(
         description="A Gradio page (and HTTP API) that classifies news headlines.")
-    p.add_argument("--ckpt", default="best.pt", help="checkpoint written by train.py")
+    p.add_argument("--ckpt", default="best.pt",
+                   help="checkpoint written by train.py, or a folder written by export.py")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes it to the network")
     p.add_argument("--port", type=int, help="default: 7860, or the next free one")
@@ -87,7 +90,9 @@ def build_app(gr, classify, class_names, title, how_to_clean="agnews"):
 def describe(ckpt_path, info):
     enc = info["encoder_config"]
     return (f"Checkpoint `{ckpt_path}`: a {enc.get('num_hidden_layers', '?')}-layer "
-            f"{enc.get('model_type', '?')} encoder, epoch {info['position']['epoch'] + 1}, "
+            f"{enc.get('model_type', '?')} encoder"
+            + (f" (ONNX, {info['precision']})" if "precision" in info else "")
+            + f", epoch {info['position']['epoch'] + 1}, "
             f"validation accuracy {info['position']['best_val_accuracy']:.3f}. "
             f"Topics: {', '.join(info['class_names'])}.")
 
@@ -101,7 +106,7 @@ def main(argv=None):
         print("note: `!python app.py` in Colab listens on the VM, which your browser cannot "
               "reach. Run it from a cell instead (import app; demo = app.main([...])), or add "
               "--share.")
-    classify, info = load_classifier(args.ckpt, args.device, args.amp, args.amp_dtype)
+    classify, info = open_classifier(args.ckpt, args.device, args.amp, args.amp_dtype)
     demo = build_app(gr, classify, info["class_names"], describe(args.ckpt, info), info["clean"])
     try:
         # share: explicit, as in Colab gradio would otherwise turn a public link on by itself

@@ -1,7 +1,6 @@
 """Plumbing the scripts share: user errors, flag types, the device and mixed-precision choice,
 stop signals, train.py's progress log, atomic writes and the environment record. Nothing here
 knows about AG News or the model."""
-import argparse
 import json
 import math
 import os
@@ -18,21 +17,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-
-class UserError(SystemExit):
-    """A mistake the user can fix (bad flag, bad file, offline). Prints its message without a
-    traceback, in a shell and in a notebook cell alike."""
-
-    def __init__(self, message):
-        super().__init__(f"error: {message}")
-
-
-def in_notebook():
-    """True when running in a Jupyter/Colab kernel (a cell, or `%run script.py`): its IPython
-    shell has a kernel. Merely importing ipykernel or IPython does not count."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython else None
-    return getattr(shell, "kernel", None) is not None
+from basics import (  # noqa: F401 (re-exported: the scripts import them from here)
+    UserError,
+    add_device_flags,
+    in_notebook,
+    non_negative,
+    parse_args,
+    positive,
+)
 
 
 class Stopped(KeyboardInterrupt):
@@ -74,44 +66,6 @@ class StopSignals:
     def __exit__(self, *exc_info):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-
-
-# ------------------------------------------------------------------------------------------ flags
-def parse_args(parser, argv=None):
-    """parser.parse_args(argv). None means no flags (a notebook cell's `main()`), never the
-    kernel's own sys.argv; the scripts' `__main__` guard passes sys.argv[1:], for `python x.py`
-    and `%run x.py` alike."""
-    return parser.parse_args([str(a) for a in (argv or [])])
-
-
-def positive(kind):
-    """An argparse type: kind(text) > 0, else argparse names the flag (`argument --epochs: must
-    be > 0, got 0`)."""
-    def check(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return check
-
-
-def non_negative(kind):
-    def check(text):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return value
-    return check
-
-
-def add_device_flags(parser):
-    """--device, --amp and --amp-dtype, the same in every script; read by pick_device and
-    pick_amp_dtype."""
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: bf16 where the hardware has it, fp16 on older GPUs, "
-                             "fp32 on CPUs without native bf16")
-    parser.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto")
 
 
 # ------------------------------------------------------------------------------------------ devices

@@ -8,7 +8,6 @@ integers, class names those labels sorted, or classes.txt's order.
 """
 import csv
 import hashlib
-import html
 import io
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from basics import clean, clean_text, decode_utf8  # noqa: F401 (clean_text: re-exported)
 from common import UserError, atomic_save, positive, respect_umask
 
 DEFAULT_DATA_DIR = "data/ag_news"  # the only folder AG News is downloaded into
@@ -30,54 +30,11 @@ DOWNLOAD_URL = ("https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/maste
 MD5 = {"train.csv": "b1a00f826fdfbd249f79597b59e1dc12",
        "test.csv": "d52ea96a97a2d943681189a97654912d"}
 
-
-# ------------------------------------------------------------------------------------- cleaning
-# The corpus went through an HTML scrape that ate '&' (leaving ` #39;`, ` quot;`, ` amp;`) and
-# turned line breaks into backslashes. Undo that so the tokenizer sees what a reader sees.
-_EATEN_ENTITY = re.compile(r"(?:^|\s)(?:#(\d+)|(quot|amp|lt|gt|hellip|nbsp|apos));")
-# <b>, <A HREF=..>; not <TXN.N> tickers
-_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
-_SPACES = re.compile(r"\s+")
-
-
-def _entity(match):
-    if match.group(1):
-        code = int(match.group(1))
-        # 128-159 are Windows-1252 codes in this corpus (#151 is an em dash, #146 a right quote).
-        if 128 <= code < 160:
-            return bytes([code]).decode("cp1252", "ignore")
-        # not a character: leave the text as is
-        return chr(code) if 0 < code <= 0x10FFFF else match.group(0)
-    return html.unescape(f"&{match.group(2)};")
-
-
-def clean(text, how):
-    """--clean: "agnews" undoes AG News's scrape artefacts (clean_text); "none" only folds runs of
-    whitespace into one space."""
-    return clean_text(text) if how == "agnews" else _SPACES.sub(" ", text).strip()
-
-
-def clean_text(text):
-    text = text.replace("\\$", "$")
-    text = re.sub(r"\\+", " ", text)  # a backslash (or two) is where a line break was
-    text = _EATEN_ENTITY.sub(_entity, text)
-    text = html.unescape(text)  # the intact ones: &lt;b&gt; -> <b>
-    text = _HTML_TAG.sub(" ", text)
-    return _SPACES.sub(" ", text).strip()
+# The clean-up (clean, clean_text) and decode_utf8 live in basics.py, which needs no torch: the
+# ONNX serving path cleans texts as training did without importing this file.
 
 
 # ------------------------------------------------------------------------------------- reading
-def decode_utf8(path, raw):
-    """bytes -> str, or an error naming the file and the line of the first bad byte."""
-    try:
-        # -sig: a BOM some editors add is not part of the first field
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text "
-                        f"({err.reason} at byte {err.start})") from None
-
-
 def read_text(path):
     """A data file's text: UTF-8, no NUL byte; errors name the file and line."""
     path = Path(path)

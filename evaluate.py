@@ -7,8 +7,9 @@ the mistakes.
 
 Works offline from the checkpoint alone (it holds the weights, the tokenizer and the training
 flags). Writes to --output-dir (default: the checkpoint's folder): eval_{split}.json,
-confusion_{split}.png and mistakes_{split}.csv (the misclassified texts, most confident mistakes
-first).
+confusion_{split}.png, reliability_{split}.png (calibration before and after the temperature
+train.py fitted, with the expected calibration error) and mistakes_{split}.csv (the misclassified
+texts, most confident mistakes first, with calibrated confidences).
 """
 import argparse
 import csv
@@ -20,7 +21,12 @@ import torch
 
 from common import add_device_flags, environment, parse_args, positive, reports_dir
 from data import load_checkpoint_split, tokenize
-from model import evaluate_model, load_trained
+from model import (
+    evaluate_model,
+    expected_calibration_error,
+    load_trained,
+    reliability_bins,
+)
 
 
 def build_parser():
@@ -80,6 +86,17 @@ def write_mistakes(rows, path):
         writer.writerows(rows)
 
 
+def calibration(logits, labels, temperature):
+    """The expected calibration error (15 bins) of softmax(logits), and of softmax(logits / T)
+    with the checkpoint's temperature T (None: last.pt, which has none)."""
+    result = {"temperature": temperature, "ece": expected_calibration_error(logits.softmax(-1),
+                                                                            labels)}
+    if temperature is not None:
+        result["ece_calibrated"] = expected_calibration_error((logits / temperature).softmax(-1),
+                                                              labels)
+    return result
+
+
 # ------------------------------------------------------------------------------------- pictures
 CONFUSION_DPI = 110
 
@@ -117,12 +134,46 @@ def plot_confusion(matrix, class_names, title, path):
     return fig
 
 
+def plot_reliability(logits, labels, temperature, title, path, bins=15):
+    """Reliability diagrams: per confidence bin, the accuracy (bars) against the confidence (the
+    diagonal: perfect calibration), the gap shaded; with T = 1, and with the fitted temperature."""
+    from matplotlib.figure import Figure
+
+    panels = [("T = 1 (raw softmax)", 1.0)]
+    if temperature is not None:
+        panels.append((f"T = {temperature:.3f} (fitted on validation)", temperature))
+    fig = Figure(figsize=(4.2 * len(panels), 4.4), layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    edges = torch.linspace(0, 1, bins + 1)
+    for k, (name, t) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        probs = (logits / t).softmax(-1)
+        rows, confidence, accuracy = reliability_bins(probs, labels, bins)
+        used = rows > 0
+        left, width = edges[:-1][used].numpy(), 1 / bins
+        ax.bar(left, accuracy[used].numpy(), width, align="edge", color="C0",
+               edgecolor="white", label="accuracy")
+        ax.bar(left, (confidence - accuracy)[used].numpy(), width, accuracy[used].numpy(),
+               align="edge", color="C3", alpha=0.35, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)",
+               ylabel="accuracy")
+        ax.set_title(f"{name}\nECE {expected_calibration_error(probs, labels, bins):.3f}",
+                     fontsize=9)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.savefig(path, dpi=CONFUSION_DPI)
+
+
 # ------------------------------------------------------------------------------------- main
 def print_summary(result, report_text, errors, path):
     print(f"{path}: {result['split']} split, {result['rows']} rows: "
           f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}, "
           f"loss {result['loss']:.4f}")
     print(report_text)
+    print(f"calibration: expected calibration error (15 bins) {result['ece']:.4f} with T = 1, "
+          + (f"{result['ece_calibrated']:.4f} with the fitted temperature "
+             f"{result['temperature']:.3f}" if result["temperature"] is not None
+             else "no fitted temperature in this checkpoint (train.py fits one into best.pt)"))
     width = max(len(n) for n in result["class_names"]) + 2
     print("confusion matrix (rows: gold, columns: predicted)")
     print(" " * width + "".join(f"{n[:8]:>9}" for n in result["class_names"]))
@@ -147,25 +198,31 @@ def main(argv=None):
     metrics, logits = evaluate_model(model, token_ids, labels, tokenizer.pad_token_id, device,
                                      amp_dtype, args.batch_size)
     details = per_class_report(logits, labels, class_names)
-    errors = mistakes(texts, labels, logits, class_names)
+    calibrated = calibration(logits, labels, ckpt.get("temperature"))  # last.pt has none
+    errors = mistakes(texts, labels, logits / (calibrated["temperature"] or 1.0), class_names)
 
     result = {"checkpoint": str(args.ckpt), "step": step, "data_dir": str(data_dir),
               "split": args.split, "rows": len(texts), "class_names": class_names, **metrics,
               "per_class": details["per_class"], "confusion_matrix": details["confusion_matrix"],
-              "misclassified": len(errors), "env": environment(device, amp_dtype)}
+              "misclassified": len(errors), **calibrated, "env": environment(device, amp_dtype)}
     files = {"json": out_dir / f"eval_{args.split}.json",
              "confusion_png": out_dir / f"confusion_{args.split}.png",
+             "reliability_png": out_dir / f"reliability_{args.split}.png",
              "mistakes_csv": out_dir / f"mistakes_{args.split}.csv"}
     files["json"].write_text(json.dumps(result, indent=1))
     plot_confusion(details["confusion_matrix"], class_names,
                    f"{Path(args.ckpt).name}, {args.split} split ({len(texts)} rows): "
                    f"accuracy {metrics['accuracy']:.1%}, macro-F1 {metrics['macro_f1']:.3f}",
                    files["confusion_png"])
+    plot_reliability(logits, labels, calibrated["temperature"],
+                     f"{Path(args.ckpt).name}, {args.split} split ({len(texts)} rows)",
+                     files["reliability_png"])
     write_mistakes(errors, files["mistakes_csv"])
     print_summary(result, details["report_text"], errors, args.ckpt)
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return {**{k: result[k]
-               for k in ("split", "rows", "loss", "accuracy", "macro_f1", "misclassified")},
+               for k in ("split", "rows", "loss", "accuracy", "macro_f1", "misclassified",
+                         *calibrated)},
             "files": {k: str(p) for k, p in files.items()}}
 
 

@@ -8,12 +8,15 @@ A checkpoint is a plain dict loadable with torch.load(..., weights_only=True). b
      "precision": "fp32" | "bf16" | "fp16", "world_size": int (processes),
      "position": {"epoch": int (0-based, the epoch of the last step), "batch": int (steps done in
                   that epoch), "step": int (steps done in all), "best_val_accuracy": float,
-                  "evals_since_best": int}}
+                  "evals_since_best": int},
+     "temperature": float (probabilities are softmax(logits / temperature); fitted on the
+                    validation split when the run ends, so a run stopped early has none yet)}
 last.pt, written by train.save_last for --resume, adds "fingerprint" (what a resumed run must
 share with this one), "optimizer", "scheduler" and "scaler" (state dicts) and "rng" (each
 process's random state, in rank order).
 """
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from basics import check_format, clean_texts
 from common import (
     UserError,
     atomic_save,
@@ -31,7 +35,7 @@ from common import (
     pick_device,
     to_device,
 )
-from data import batch_order, clean, collate, tokenize
+from data import batch_order, collate, tokenize
 
 CHECKPOINT_FORMAT = 2  # raised whenever the format changes: there is no converter
 
@@ -139,6 +143,52 @@ def evaluate_model(model, token_ids, labels, pad_id, device, amp_dtype=None, bat
     return classification_metrics(logits, labels), logits
 
 
+# -------------------------------------------------------------------------------------- calibration
+def fit_temperature(logits, labels, low=0.05, high=20.0):
+    """The one temperature T that minimises the NLL of softmax(logits / T) over (N, C) logits and
+    N labels: of the validation split, never the test's (Guo et al. 2017). T > 1 softens an
+    over-confident model; dividing by T > 0 keeps every argmax, so the accuracy cannot change.
+    The NLL is convex in 1/T, hence unimodal in log T: a golden-section search on
+    [log low, log high] finds it. The bounds matter when every row is right: then the NLL only
+    falls as T -> 0."""
+    logits, labels = torch.as_tensor(logits).double(), torch.as_tensor(labels)
+    def nll(log_t):
+        return F.cross_entropy(logits / math.exp(log_t), labels).item()
+    a, b, ratio = math.log(low), math.log(high), (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    nll_c, nll_d = nll(c), nll(d)
+    while b - a > 1e-6:  # about 40 steps: T to 6 significant digits
+        if nll_c <= nll_d:
+            b, d, nll_d = d, c, nll_c
+            c = b - ratio * (b - a)
+            nll_c = nll(c)
+        else:
+            a, c, nll_c = c, d, nll_d
+            d = a + ratio * (b - a)
+            nll_d = nll(d)
+    return math.exp((a + b) / 2)
+
+
+def reliability_bins(probs, labels, bins=15):
+    """(N, C) probabilities and N labels -> for each of `bins` equal-width bins of confidence (the
+    top probability; bin k holds (k/bins, (k+1)/bins]): rows, their mean confidence and their
+    accuracy, three (bins,) float64 tensors (0 where a bin is empty)."""
+    confidence, preds = torch.as_tensor(probs).double().max(-1)
+    correct = (preds == torch.as_tensor(labels)).double()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    rows = torch.bincount(index, minlength=bins).double()
+    per_row = rows.clamp(min=1)
+    return (rows, torch.bincount(index, confidence, bins) / per_row,
+            torch.bincount(index, correct, bins) / per_row)
+
+
+def expected_calibration_error(probs, labels, bins=15):
+    """ECE: the rows' share in each confidence bin times |its accuracy - its mean confidence|,
+    summed (15 bins, as in Guo et al. 2017). 0 means "90 % sure" is right 90 % of the time."""
+    rows, confidence, accuracy = reliability_bins(probs, labels, bins)
+    return float((rows / rows.sum() * (accuracy - confidence).abs()).sum())
+
+
 # -------------------------------------------------------------------------------------- checkpoints
 def tokenizer_files(tokenizer):
     """The tokenizer as {file name: bytes}: it travels inside every checkpoint."""
@@ -197,14 +247,19 @@ def read_checkpoint(path):
     except Exception as err:  # noqa: BLE001 (a truncated file, a pickle with code, not torch's)
         raise UserError(f"{path}: not a readable checkpoint of this toolkit ({type(err).__name__}: "
                         f"{str(err).strip().splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or "format" not in state:
-        raise UserError(f"{path}: not a checkpoint of this toolkit (expected a dict with "
-                        f"format={CHECKPOINT_FORMAT})")
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: checkpoint format {state['format']!r}, written by another "
-                        f"version of this toolkit; this one reads format {CHECKPOINT_FORMAT}. "
-                        f"Use the version that wrote it, or train again.")
+    check_format(state, path, "checkpoint", CHECKPOINT_FORMAT,
+                 "Use the version that wrote it, or train again.")
     return state
+
+
+def require_temperature(state, path):
+    """What serves probabilities (load_classifier, export.py) needs the fitted temperature."""
+    if "temperature" not in state:
+        raise UserError(f"{path}: no fitted temperature in it, so its probabilities would not be "
+                        f"calibrated. train.py fits one into best.pt as the run ends: this is "
+                        f"last.pt, or the best.pt of a run that stopped early (finish it with "
+                        f"--resume).")
+    return state["temperature"]
 
 
 def load_model(path, device="cpu"):
@@ -234,22 +289,19 @@ def load_trained(path, device="auto", amp=False, amp_dtype="auto"):
 
 def load_classifier(path, device="auto", amp=False, amp_dtype="auto"):
     """best.pt -> (classify, info): classify(texts, batch_size=64) -> (N, C) class probabilities,
-    rows in input order, the texts cleaned and truncated as in training. info: the checkpoint's
-    class_names, max_length, clean, config, position and encoder_config. predict.py and app.py
-    share it."""
+    softmax(logits / the checkpoint's temperature), rows in input order, the texts cleaned and
+    truncated as in training. info: the checkpoint's class_names, max_length, clean, temperature,
+    config, position and encoder_config. predict.py and app.py share it (serve.py is its ONNX
+    twin)."""
     model, tokenizer, state, device, amp_dtype = load_trained(path, device, amp, amp_dtype)
+    require_temperature(state, path)
     # Keep the small entries only: the weights (and last.pt's optimizer) would be a second copy.
-    info = {k: state[k] for k in ("class_names", "max_length", "clean", "config", "position",
-                                  "encoder_config")}
+    info = {k: state[k] for k in ("class_names", "max_length", "clean", "temperature", "config",
+                                  "position", "encoder_config")}
 
     def classify(texts, batch_size=64):
-        cleaned = [clean(text, info["clean"]) for text in texts]
-        for i, text in enumerate(texts):
-            if not cleaned[i]:  # "" or only markup: the model would see [CLS] [SEP] and guess
-                raise UserError(f"text {i + 1} ({text!r}) is empty once cleaned; nothing to "
-                                f"classify")
-        token_ids = tokenize(tokenizer, cleaned, info["max_length"])
+        token_ids = tokenize(tokenizer, clean_texts(texts, info["clean"]), info["max_length"])
         logits = infer(model, token_ids, tokenizer.pad_token_id, device, amp_dtype, batch_size)
-        return logits.softmax(-1)
+        return (logits / info["temperature"]).softmax(-1)
 
     return classify, info

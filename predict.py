@@ -2,12 +2,15 @@
 
     python predict.py --ckpt best.pt "Stocks rally as the Fed holds rates" "Late goal wins derby"
     python predict.py --ckpt best.pt --file headlines.txt --format csv > out.csv  # a text per line
+    python predict.py --ckpt export "Stocks rally ..."  # an export.py folder: no torch needed
     main(["--ckpt", "best.pt", "Stocks rally ..."])  # from a notebook cell: returns rows as dicts
 
 Works offline from best.pt alone: the tokenizer and the encoder's config are stored inside it.
-Texts are cleaned as in training (data.clean, as the checkpoint says) and run in batches, longest
-first, with --amp under autocast. model.load_classifier is the one inference path, shared with
-the web page (app.py).
+Texts are cleaned as in training (basics.clean, as the checkpoint says) and run in batches,
+longest first, with --amp under autocast. The probabilities are calibrated: softmax(logits / the
+temperature train.py fitted). model.load_classifier is the one torch inference path, serve.py its
+ONNX Runtime twin for an export folder; both are shared with the web page (app.py). This file
+imports neither torch nor transformers until --ckpt turns out to be a .pt file.
 """
 import argparse
 import csv
@@ -16,16 +19,16 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from common import UserError, add_device_flags, parse_args, positive
-from data import decode_utf8
-from model import load_classifier
+from basics import UserError, add_device_flags, decode_utf8, parse_args, positive
+from serve import open_classifier
 
 
 def build_parser():
     p = argparse.ArgumentParser(
         description="Classify news texts with a checkpoint written by train.py.")
     p.add_argument("texts", nargs="*", help="texts to classify (quote each one)")
-    p.add_argument("--ckpt", default="best.pt", help="checkpoint written by train.py")
+    p.add_argument("--ckpt", default="best.pt",
+                   help="checkpoint written by train.py, or a folder written by export.py")
     p.add_argument("--file",
                    help="a UTF-8 text file with one text per line (blank lines are skipped)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
@@ -88,7 +91,7 @@ def main(argv=None):
     # stdout carries only the results, so `--format json > out.json` stays parseable: notes go to
     # stderr.
     with redirect_stdout(sys.stderr):
-        classify, info = load_classifier(args.ckpt, args.device, args.amp, args.amp_dtype)
+        classify, info = open_classifier(args.ckpt, args.device, args.amp, args.amp_dtype)
     rows = to_rows(texts, classify(texts, args.batch_size), info["class_names"])
     write_rows(rows, info["class_names"], args.format)
     return rows

@@ -47,6 +47,7 @@ from model import (
     TopicClassifier,
     check_room,
     evaluate_model,
+    fit_temperature,
     load_pretrained,
     make_checkpoint,
     prepare_output_dir,
@@ -140,9 +141,9 @@ def run(args, stop, rank, world, device):
     eval_steps = every(args.eval_every or steps_per_epoch, total_steps) | {total_steps}
     save_steps = eval_steps | every(steps_per_epoch, total_steps) | every(args.save_every,
                                                                           total_steps)
-    def score(split):  # -> loss, accuracy, macro-F1 on the validation or test rows
+    def score(split):  # -> (loss, accuracy, macro-F1), (N, C) logits of the val or test rows
         return evaluate_model(model, token_ids[split], splits[split][1], pad_id, device,
-                              amp_dtype, args.eval_batch_size)[0]
+                              amp_dtype, args.eval_batch_size)
     log = TrainingLog(out_dir / "metrics.jsonl", at["step"], total_steps, train_lengths, device,
                       fp16=scaler.is_enabled(), writes=rank == 0)
     train_model = distributed.wrap(model, device)  # collective; DDP averages the gradients
@@ -177,7 +178,7 @@ def run(args, stop, rank, world, device):
         if step in log_steps:  # collective: the loss summed over the processes
             log.line(epoch, step, lr, distributed.all_sum(log.loss_sum.clone()) / world)
         if step in eval_steps:  # rank 0 scores every validation row; collective: all get them
-            metrics = distributed.broadcast_from_rank0(score("val") if rank == 0 else None)
+            metrics = distributed.broadcast_from_rank0(score("val")[0] if rank == 0 else None)
             log.evaluation("val", step, metrics, epoch)
             at["evals_since_best"] += 1
             if metrics["accuracy"] > at["best_val_accuracy"]:
@@ -202,16 +203,21 @@ def run(args, stop, rank, world, device):
         return None
 
     # ---- final report: the best checkpoint on the held-out test set
-    model.load_state_dict(read_checkpoint(out_dir / "best.pt")["model"])
-    metrics = score("test")
+    best = read_checkpoint(out_dir / "best.pt")
+    model.load_state_dict(best["model"])
+    # calibrated probabilities: one temperature, fitted on the validation logits (never the test's)
+    best["temperature"] = fit_temperature(score("val")[1], splits["val"][1])
+    save_checkpoint(best, out_dir / "best.pt")
+    metrics = score("test")[0]
     log.evaluation("test", at["step"], metrics)
     log.close()
-    result = {"val_accuracy": at["best_val_accuracy"],
+    result = {"val_accuracy": at["best_val_accuracy"], "temperature": best["temperature"],
               **{f"test_{k}": v for k, v in metrics.items()}}
     (out_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": "best.pt", **result},
                                                           indent=1))
     print(f"best.pt: val accuracy {result['val_accuracy']:.4f}, test accuracy "
-          f"{metrics['accuracy']:.4f}, test macro-F1 {metrics['macro_f1']:.4f}")
+          f"{metrics['accuracy']:.4f}, test macro-F1 {metrics['macro_f1']:.4f}, temperature "
+          f"{best['temperature']:.3f}")
     return result
 
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from conftest import train_tiny
 
 import app
 from common import UserError
+from model import load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
@@ -42,13 +44,34 @@ def wait_for_page(url, proc, log, seconds=90):
     pytest.fail(f"app.py did not answer on {url} within {seconds} s:\n{log.read_text()}")
 
 
-def test_app_serves_one_prediction_over_http(tiny_ckpt, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_export(tiny_ckpt, tmp_path_factory):
+    import export
+
+    out = tmp_path_factory.mktemp("export") / "export"
+    export.main(["--ckpt", tiny_ckpt, "--out", out])
+    return out
+
+
+@pytest.mark.parametrize("served", ["best.pt", "an export, without torch"])
+def test_app_serves_one_prediction_over_http(served, tiny_ckpt, tiny_export, tmp_path):
+    """The page answers over HTTP. An export is served as on a small host: app.py, serve.py and
+    basics.py alone, in a Python where `import torch` and `import transformers` fail."""
     from gradio_client import Client
 
     port, log = free_port(), tmp_path / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    script, ckpt = ROOT / "app.py", tiny_ckpt
+    if served != "best.pt":
+        for name in ("app.py", "serve.py", "basics.py"):
+            shutil.copy(ROOT / name, tmp_path / name)
+        for name in ("torch", "transformers"):
+            (tmp_path / "blocked" / name).mkdir(parents=True)
+            (tmp_path / "blocked" / name / "__init__.py").write_text("raise ImportError\n")
+        env["PYTHONPATH"] = str(tmp_path / "blocked")
+        script, ckpt = tmp_path / "app.py", tiny_export
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--ckpt", str(tiny_ckpt),
+        proc = subprocess.Popen([sys.executable, str(script), "--ckpt", str(ckpt),
                                  "--device", "cpu", "--port", str(port)],
                                 cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -68,6 +91,8 @@ def test_app_serves_one_prediction_over_http(tiny_ckpt, tmp_path):
     assert (result["label"] in CLASS_NAMES
             and result["label"] == max(confidences, key=confidences.get))
     assert "127.0.0.1" in log.read_text()
+    expected = load_classifier(tiny_ckpt, "cpu")[0](["the team wins the cup"])[0].tolist()
+    assert [confidences[name] for name in CLASS_NAMES] == pytest.approx(expected, abs=1e-5)
 
 
 def test_missing_gradio_is_a_clear_error_and_analytics_are_off(monkeypatch):

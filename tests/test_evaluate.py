@@ -16,7 +16,8 @@ from sklearn.metrics import (
 
 import evaluate
 from common import UserError
-from model import classification_metrics
+from data import load_checkpoint_split, tokenize
+from model import classification_metrics, evaluate_model, expected_calibration_error, load_model
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -70,6 +71,32 @@ def test_val_split_is_the_one_train_py_validated_on(tiny_run, tmp_path):
     assert (result["accuracy"] == val["accuracy"]
             and result["loss"] == pytest.approx(val["loss"], abs=1e-6))
     assert (tmp_path / "eval_val.json").is_file() and (tmp_path / "confusion_val.png").is_file()
+
+
+def test_calibration_before_and_after_the_temperature_and_the_reliability_diagram(tiny_run,
+                                                                                tmp_path):
+    run_dir, _ = tiny_run
+    result = evaluate.main(["--ckpt", run_dir / "best.pt", "--output-dir", tmp_path])
+    report = json.loads((tmp_path / "eval_test.json").read_text())
+    model, tokenizer, state = load_model(run_dir / "best.pt")
+    _, (texts, labels) = load_checkpoint_split(state, None, "test")
+    logits = evaluate_model(model, tokenize(tokenizer, texts, state["max_length"]), labels,
+                            tokenizer.pad_token_id, torch.device("cpu"))[1]
+    t = state["temperature"]
+    assert report["temperature"] == result["temperature"] == t
+    assert report["ece"] == pytest.approx(expected_calibration_error(logits.softmax(-1), labels))
+    assert report["ece_calibrated"] == pytest.approx(
+        expected_calibration_error((logits / t).softmax(-1), labels))
+    assert report["ece"] != pytest.approx(report["ece_calibrated"])  # the temperature changed it
+    png = tmp_path / "reliability_test.png"
+    assert imread(png).shape[:2] == (484, 924)  # two panels: figsize (8.4, 4.4) at 110 dpi
+    assert colour_pixels(png, "C0") >= 1000  # the accuracy bars (and their legend keys)
+
+    # last.pt has no temperature: the raw ECE alone, one panel
+    result = evaluate.main(["--ckpt", run_dir / "last.pt", "--output-dir", tmp_path])
+    assert result["temperature"] is None and "ece_calibrated" not in result
+    assert result["ece"] == pytest.approx(report["ece"])
+    assert imread(png).shape[:2] == (484, 462)
 
 
 def test_metrics_equal_sklearn_and_hand_counts_on_hand_made_predictions():

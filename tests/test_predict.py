@@ -26,11 +26,13 @@ def tiny_ckpt(tiny_model_dir, tmp_path_factory):
 
 
 def hf_probabilities(ckpt, text):
-    """The independent path: the tokenizer on one raw string, the model on that one row, softmax."""
-    model, tokenizer, _ = load_model(ckpt)
+    """The independent path: the tokenizer on one raw string, the model on that one row, softmax
+    of the logits divided by the checkpoint's temperature."""
+    model, tokenizer, state = load_model(ckpt)
     enc = tokenizer(text, truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
-        return model(enc["input_ids"], enc["attention_mask"]).softmax(-1)[0]
+        logits = model(enc["input_ids"], enc["attention_mask"])
+    return (logits / state["temperature"]).softmax(-1)[0]
 
 
 def test_probabilities_sum_to_one_and_batch_agrees_with_one_at_a_time(tiny_ckpt):

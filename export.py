@@ -1,0 +1,278 @@
+"""Export a checkpoint to ONNX, for serving without PyTorch (serve.py; predict.py and app.py take
+the folder as --ckpt).
+
+    pip install -r requirements-export.txt
+    python export.py --ckpt best.pt --out export            # fp32: model.onnx, ~the size of best.pt
+    python export.py --ckpt best.pt --out export-int8 --int8  # int8 weights: ~4x smaller
+    main(["--ckpt", "best.pt", "--out", "export"])          # the same from a notebook cell
+
+Writes DIR/model.onnx (torch's dynamo exporter; inputs input_ids and attention_mask, any batch
+and sequence length; output logits), DIR/tokenizer.json and DIR/export.json (class names, max
+length, clean-up, temperature, pad id, the gates' results; see serve.py). Two gates decide whether
+anything is written:
+- parity: ONNX Runtime's fp32 logits, through serve.py's own tokenizer and batching, must equal
+  torch's within 1e-4 on 64 texts of the checkpoint's validation split (or 64 built-in headlines
+  when the run's train.csv is not at hand);
+- accuracy (--int8, ONNX Runtime's dynamic quantization): int8 may lose at most 1 point of
+  accuracy against fp32 on the validation split, unless --force.
+The folder is built beside DIR and moved into place only when both pass.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from basics import UserError, clean_texts, parse_args
+from serve import EXPORT_FORMAT, open_session, open_tokenizer, run_logits
+
+PARITY_TOLERANCE = 1e-4  # max |logit difference|, fp32 ONNX Runtime against torch
+PARITY_TEXTS = 64
+INT8_MAX_LOSS = 0.01  # accuracy (a fraction) int8 may lose against fp32 without --force
+# When the run's train.csv is not at hand: 16 headlines, joined in runs of 1 to 4 -> 64 texts of
+# many lengths.
+HEADLINES = [
+    "Stocks rally as the Fed signals a pause in interest rate hikes",
+    "Late goal lifts United to a 2-1 win over City in the derby",
+    "NASA telescope spots water vapour on a distant planet",
+    "Peace talks resume as the ceasefire holds along the border",
+    "Oil prices hit a record high as supply fears grow",
+    "Chip maker unveils a faster processor for laptops",
+    "Coach resigns after the team's worst season in a decade",
+    "Parliament passes a budget after a night of debate",
+    "Bank shares slide as profit forecasts are cut",
+    "Open-source browser gains users after a security scare",
+    "Champion retains her title in a five-set final",
+    "Floods force thousands from their homes in the south",
+    "Retailer posts higher holiday sales than expected",
+    "Scientists sequence the genome of a rare orchid",
+    "Minister visits troops ahead of the election",
+    "Striker signs a three-year contract with the club",
+]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Export a checkpoint to ONNX (fp32, or int8 with --int8) for serving.")
+    p.add_argument("--ckpt", default="best.pt", help="best.pt written by train.py")
+    p.add_argument("--out", required=True, help="the export folder to write")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weights (ONNX Runtime's dynamic quantization), if they lose at most "
+                        "1 point of validation accuracy")
+    p.add_argument("--force", action="store_true",
+                   help="with --int8: write it even if it loses more than 1 point")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the run's train.csv, whose validation rows the gates use "
+                        "(default: the run's --data-dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
+    return p
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    out = Path(args.out)
+    check_out(out, args.overwrite)
+    import_exporter()  # fail in a second, not after loading the model
+    from tokenizers import Tokenizer
+
+    from model import infer, load_model, require_temperature
+
+    model, tokenizer, ckpt = load_model(args.ckpt)  # fp32, eval mode: dropout off
+    temperature = require_temperature(ckpt, args.ckpt)
+    val = validation_split(ckpt, args)
+    if args.int8 and val is None:
+        raise UserError("--int8: the accuracy gate needs the checkpoint's validation split; "
+                        "pass --data-dir, the folder holding the run's train.csv")
+    texts = val[0][:PARITY_TEXTS] if val else [
+        " ".join(HEADLINES[(i + j) % 16] for j in range(1 + i // 16)) for i in range(64)]
+
+    manifest = {"format": EXPORT_FORMAT, "class_names": ckpt["class_names"],
+                "max_length": ckpt["max_length"], "clean": ckpt["clean"],
+                "temperature": temperature, "pad_id": tokenizer.pad_token_id, "precision": "fp32",
+                "position": ckpt["position"],
+                "encoder_config": {k: ckpt["encoder_config"].get(k)
+                                   for k in ("model_type", "num_hidden_layers", "hidden_size")},
+                "source": {"checkpoint": Path(args.ckpt).name, "step": ckpt["position"]["step"]}}
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        export_onnx(model, tokenizer, tmp / "model.onnx")
+        # transformers leaves its last call's settings on the backend (export_onnx's max length
+        # 32): store the checkpoint's own, for any runtime that reads tokenizer.json
+        onnx_tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        onnx_tokenizer.no_padding()
+        onnx_tokenizer.enable_truncation(ckpt["max_length"])
+        onnx_tokenizer.save(str(tmp / "tokenizer.json"))
+        onnx_tokenizer = open_tokenizer(tmp / "tokenizer.json", ckpt["max_length"])
+        def logits(model_file, rows):  # serve.py's own path: its tokenizer, batching, runtime
+            session = open_session(model_file, len(ckpt["class_names"]))
+            return run_logits(session, onnx_tokenizer, clean_texts(rows, ckpt["clean"]),
+                              tokenizer.pad_token_id)
+
+        # ---- parity gate: fp32 ONNX Runtime against torch, on the same texts
+        from data import tokenize
+
+        token_ids = tokenize(tokenizer, clean_texts(texts, ckpt["clean"]), ckpt["max_length"])
+        reference = infer(model, token_ids, tokenizer.pad_token_id, model.head.weight.device)
+        reference = reference.numpy()  # (64, C)
+        diff = float(abs(logits(tmp / "model.onnx", texts) - reference).max())
+        print(f"parity: max |logit difference| {diff:.2e} on {len(texts)} texts, ONNX Runtime "
+              f"fp32 against torch (the limit is {PARITY_TOLERANCE:.0e})")
+        if not diff <= PARITY_TOLERANCE:  # a NaN fails too
+            raise UserError(f"parity gate: ONNX Runtime's logits differ from torch's by up to "
+                            f"{diff:.2e} (the limit is {PARITY_TOLERANCE:.0e}); nothing was "
+                            f"written. The exported graph does not compute what the checkpoint "
+                            f"does: please report it, with your torch and onnxruntime versions.")
+        manifest["gates"] = {"parity_max_abs_diff": diff, "parity_texts": len(texts)}
+
+        # ---- accuracy gate (--int8): int8 against fp32 on the validation split
+        if val is not None:
+            accuracy = {"fp32": score(logits(tmp / "model.onnx", val[0]), val[1])}
+        if args.int8:
+            quantize(tmp / "model.onnx", tmp / "model.int8.onnx")
+            accuracy["int8"] = score(logits(tmp / "model.int8.onnx", val[0]), val[1])
+            manifest["gates"]["int8_max_abs_diff"] = float(
+                abs(logits(tmp / "model.int8.onnx", texts) - reference).max())  # for the record
+            loss = accuracy["fp32"] - accuracy["int8"]
+            print(f"accuracy on the {len(val[1])} validation rows: fp32 {accuracy['fp32']:.2%}, "
+                  f"int8 {accuracy['int8']:.2%} ({-100 * loss:+.2f} points; the limit is "
+                  f"-{100 * INT8_MAX_LOSS:.0f})")
+            if loss > INT8_MAX_LOSS and not args.force:
+                raise UserError(f"accuracy gate: int8 loses {100 * loss:.2f} points of validation "
+                                f"accuracy against fp32 ({accuracy['int8']:.2%} vs "
+                                f"{accuracy['fp32']:.2%}; the limit is "
+                                f"{100 * INT8_MAX_LOSS:.0f}); nothing was written. Export fp32 "
+                                f"(drop --int8), or pass --force to write int8 anyway.")
+            os.replace(tmp / "model.int8.onnx", tmp / "model.onnx")
+            manifest["precision"] = "int8"
+        elif val is not None:
+            print(f"accuracy on the {len(val[1])} validation rows: fp32 {accuracy['fp32']:.2%}")
+        if val is not None:
+            manifest["gates"].update(val_rows=len(val[1]), val_accuracy=accuracy)
+        (tmp / "export.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = (out / "model.onnx").stat().st_size / 2**20
+    print(f"wrote {out}/: model.onnx ({manifest['precision']}, {size:,.1f} MiB), tokenizer.json, "
+          f"export.json. Serve it: python predict.py --ckpt {out} \"some headline\"")
+    return {"out": str(out), "precision": manifest["precision"], **manifest["gates"]}
+
+
+def check_out(out, overwrite):
+    """--out may be new or empty; an export already there is replaced only with --overwrite, and
+    a folder holding anything else never."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "export.json").is_file():
+            raise UserError(f"--out {out}: a folder holding other files (no export.json); pass "
+                            f"a new or empty folder")
+        if not overwrite:
+            raise UserError(f"--out {out} already holds an export; pass --overwrite to replace "
+                            f"it, or another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot write beside it ({err})") from None
+
+
+def import_exporter():
+    """onnx, onnxscript (torch's dynamo exporter needs it) and onnxruntime, or one line saying
+    how to install them."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"export.py needs {err.name or 'onnx'} (the exporter, the parity gate and "
+                        f"--int8's quantizer): pip install -r requirements-export.txt") from None
+
+
+def validation_split(ckpt, args):
+    """(texts, labels) of the checkpoint's validation split, or None (with a note) when the run's
+    train.csv is not at hand."""
+    from data import load_checkpoint_split
+
+    try:
+        return load_checkpoint_split(ckpt, args.data_dir, "val")[1]
+    except UserError as err:
+        print(f"note: no validation split ({err.code.removeprefix('error: ')}); the parity gate "
+              f"uses {PARITY_TEXTS} built-in headlines, and no accuracy is measured")
+        return None
+
+
+def export_onnx(model, tokenizer, path):
+    """The model (fp32, eval mode, on the CPU) -> path, with torch's dynamo exporter (torch.export,
+    then onnxscript); batch and sequence axes dynamic."""
+    import torch
+
+    from data import collate, tokenize
+
+    # Eager attention exports as plain MatMul/Softmax; SDPA's decomposition adds masking ops that
+    # made ONNX Runtime 5 % (fp32) to 13 % (int8) slower here. The parity gate checks the result.
+    standard = model.encoder.config._attn_implementation
+    model.encoder.set_attn_implementation("eager")
+    # two rows of different lengths, so padding and the mask are traced too
+    ids = tokenize(tokenizer, ["an example to trace the graph with", "a shorter one"], 32)
+    sample = collate(ids, [0, 1], tokenizer.pad_token_id)  # input_ids, attention_mask (2, T)
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    # The exporter logs progress, optional-op notes (torchvision) and shape-naming warnings.
+    with warnings.catch_warnings(), quiet_logger("torch.onnx"):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, sample, str(path), dynamo=True, external_data=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}),
+                          verbose=False)
+    model.encoder.set_attn_implementation(standard)  # the parity gate's reference is torch's own
+
+
+@contextmanager
+def quiet_logger(name):
+    """Only errors from the named logger while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def quantize(fp32_path, int8_path):
+    """ONNX Runtime's dynamic quantization: int8 weights for every MatMul/Gemm with constant
+    weights; activations quantized per batch at run time, so no calibration data is needed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet_logger("root"):  # its advice to pre-process the graph, printed on every call
+        quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+
+
+def score(logits, labels):
+    """Accuracy of (N, C) logits against N labels."""
+    return float((logits.argmax(-1) == labels).mean())
+
+
+def move_into_place(tmp, out):
+    """The finished folder replaces --out in two renames: an old export is moved aside first and
+    deleted only once the new one is there."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+        os.replace(out, old / "export")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's folder is its owner's alone; give it the usual mode
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# `python export.py` and `%run export.py` set __file__; a pasted cell only defines main().
+if __name__ == "__main__" and "__file__" in globals():
+    main(sys.argv[1:])

@@ -1,0 +1,148 @@
+"""Classify with an export folder (export.py) on ONNX Runtime: no torch, no transformers.
+
+    classify, info = load_export("export/")      # what model.load_classifier gives for best.pt
+    classify(["Stocks rally as the Fed holds rates"])  # (N, C) numpy array of probabilities
+    classify, info = open_classifier(path)       # either: a folder here, a .pt file on torch
+
+An export folder holds model.onnx (fp32 or int8; inputs input_ids and attention_mask, (B, T)
+int64, any B and T; output logits, (B, C) fp32), tokenizer.json, and export.json: the format and
+what inference needs (class_names, max_length, clean, temperature, pad_id), the precision, where
+it came from and what export.py's gates measured. Only onnxruntime, tokenizers and numpy are
+needed (requirements-serve.txt), with basics.py and this file.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from basics import UserError, check_format, clean_texts
+
+EXPORT_FORMAT = 1  # export.json's "format": raised whenever the folder's contents change
+
+
+def open_classifier(path, device="auto", amp=False, amp_dtype="auto"):
+    """predict.py's and app.py's --ckpt -> (classify, info). A folder is an export: ONNX Runtime
+    on the CPU, and neither torch nor transformers is imported. Anything else is a checkpoint:
+    model.load_classifier, on --device with --amp."""
+    if not Path(path).is_dir():
+        from model import load_classifier
+
+        return load_classifier(path, device, amp, amp_dtype)
+    flags = [f"--device {device}"] * (device not in ("auto", "cpu")) + ["--amp"] * bool(amp)
+    if flags:
+        raise UserError(f"--ckpt {path} is an export folder: it runs on the CPU, in the precision "
+                        f"it was exported in; drop {' and '.join(flags)}")
+    return load_export(path)
+
+
+def load_export(folder, threads=None):
+    """An export folder -> (classify, info): classify(texts, batch_size=64) -> (N, C) probabilities,
+    softmax(logits / temperature), rows in input order, the texts cleaned and truncated as in
+    training. info: export.json's contents. threads: ONNX Runtime's intra-op threads (None: one
+    per core)."""
+    folder = Path(folder)
+    info = read_manifest(folder)
+    session = open_session(folder / "model.onnx", len(info["class_names"]), threads)
+    tokenizer = open_tokenizer(folder / "tokenizer.json", info["max_length"])
+
+    def classify(texts, batch_size=64):
+        logits = run_logits(session, tokenizer, clean_texts(texts, info["clean"]),
+                            info["pad_id"], batch_size)
+        return softmax(logits / info["temperature"])
+
+    return classify, info
+
+
+def read_manifest(folder):
+    """export.json, checked: this version's format, and the other two files beside it."""
+    path = folder / "export.json"
+    if not path.is_file():
+        raise UserError(f"--ckpt {folder}: not an export folder (no export.json in it); "
+                        f"export.py writes one, and a checkpoint is a .pt file")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not readable JSON ({err})") from None
+    check_format(manifest, path, "export", EXPORT_FORMAT,
+                 f"Export again with this version: python export.py --ckpt best.pt --out "
+                 f"{folder} --overwrite")
+    for name in ("model.onnx", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder / name}: file not found; the export folder is incomplete "
+                            f"(export again with export.py)")
+    return manifest
+
+
+def import_runtime():
+    """onnxruntime and tokenizers, or one line saying how to install them."""
+    try:
+        import onnxruntime
+        import tokenizers
+    except ImportError as err:
+        raise UserError(f"an export folder needs {err.name or 'onnxruntime'}: "
+                        f"pip install -r requirements-serve.txt") from None
+    return onnxruntime, tokenizers
+
+
+def open_session(path, num_classes, threads=None):
+    """model.onnx -> an ONNX Runtime CPU session, or one line naming the file."""
+    ort, _ = import_runtime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 (onnxruntime's own errors: a truncated or foreign file)
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise UserError(f"{path}: not a readable ONNX model ({type(err).__name__}: {first}); "
+                        f"export again with export.py") from None
+    inputs = sorted(i.name for i in session.get_inputs())
+    width = session.get_outputs()[0].shape[-1]
+    if inputs != ["attention_mask", "input_ids"] or width != num_classes:
+        raise UserError(f"{path}: takes {inputs} and gives {width} classes, not input_ids and "
+                        f"attention_mask and the {num_classes} classes export.json lists; "
+                        f"export again with export.py")
+    return session
+
+
+def open_tokenizer(path, max_length):
+    """tokenizer.json (the checkpoint's fast tokenizer, as transformers runs it) -> a tokenizers
+    Tokenizer that truncates to max_length and pads nothing (run_logits pads each batch)."""
+    _, tokenizers = import_runtime()
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 (the Rust library's error for a bad file)
+        raise UserError(f"{path}: not a readable tokenizer.json ({err}); export again with "
+                        f"export.py") from None
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+def run_logits(session, tokenizer, texts, pad_id, batch_size=64):
+    """Cleaned texts -> (N, C) fp32 logits in input order. Batches go longest first, each padded to
+    its own longest row, as model.infer does on torch."""
+    ids = [encoding.ids for encoding in tokenizer.encode_batch(texts)]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    logits = None
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = len(ids[rows[0]])  # the longest row of the batch
+        input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)  # (B, T)
+        attention_mask = np.zeros((len(rows), width), dtype=np.int64)  # (B, T)
+        for r, i in enumerate(rows):
+            input_ids[r, : len(ids[i])] = ids[i]
+            attention_mask[r, : len(ids[i])] = 1
+        out = session.run(["logits"], {"input_ids": input_ids,
+                                       "attention_mask": attention_mask})[0]  # (B, C)
+        if logits is None:
+            logits = np.empty((len(ids), out.shape[1]), dtype=np.float32)
+        logits[rows] = out
+    return logits
+
+
+def softmax(logits):
+    """(N, C) -> (N, C) fp32 probabilities, as torch's softmax gives them."""
+    z = np.exp(logits - logits.max(-1, keepdims=True))  # the largest is exp(0): no overflow
+    return z / z.sum(-1, keepdims=True)
