@@ -25,7 +25,7 @@ emulated there (3x slower than fp32): a set-up in emulated bf16 runs only when n
 Samples/s are steady-state (the first steps, which pay for warm-up, are not timed). Model FLOP/s =
 (6 x non-embedding parameters + 12 x layers x hidden x mean length) x real tokens/s, against the
 matmul peak of the fastest precision here (bf16; fp16 on GPUs without bf16; fp32 on CPUs without
-bf16 units) measured here at the model's own GEMM shapes.
+bf16 units, and when every set-up run is in fp32) measured here at the model's own GEMM shapes.
 """
 import argparse
 import inspect
@@ -49,6 +49,7 @@ from data import load_splits, tokenize
 
 SETUPS = ["trainer_default", "trainer_best", "trainer_best_fp32", "ours_fp32", "ours_amp",
           "ours_bf16"]
+FP32_SETUPS = {"trainer_default", "trainer_best_fp32", "ours_fp32"}
 WARMUP_STEPS = 5
 
 
@@ -256,7 +257,8 @@ def non_embedding_params(config):
 def report(results, args, config, mean_len, device):
     params = non_embedding_params(config)
     tokens = args.batch_size * math.ceil(mean_len / 8) * 8
-    dtype = peak_dtype(device)
+    # the set-ups all in fp32: their ceiling is the fp32 peak, whatever else the hardware has
+    dtype = peak_dtype(device) if set(results) - FP32_SETUPS else torch.float32
     peak = matmul_peak(config.hidden_size, config.intermediate_size, tokens, device, dtype)
     half = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * mean_len

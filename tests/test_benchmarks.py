@@ -40,6 +40,14 @@ def test_the_trainers_best_fp32_against_ours_end_to_end(tiny_model_dir, tiny_dat
     assert "--amp runs in fp32" in out
 
 
+def test_fp32_set_ups_are_held_against_the_fp32_peak(tiny_model_dir, tiny_data_dir, monkeypatch):
+    monkeypatch.setattr(bench_train, "cpu_has_native_bf16", lambda: True)  # bf16 units, unused
+    summary = bench_train.main(["--model", str(tiny_model_dir), "--data-dir", str(tiny_data_dir),
+                                "--device", "cpu", "--steps", 10, "--batch-size", 16,
+                                "--setups", "ours_fp32"])
+    assert summary["peak_dtype"] == "fp32"
+
+
 def test_an_unknown_set_up_is_named():
     with pytest.raises(UserError, match=r"--setups: unknown \['ours_fp8'\]"):
         bench_train.main(["--setups", "ours_fp8", "--device", "cpu"])
