@@ -1,4 +1,4 @@
-"""A web page to try a trained checkpoint: type a news headline, see the four topic probabilities.
+"""A web page to try a trained checkpoint: type a text, see each class's probability.
 
     pip install -r requirements-app.txt          # gradio: an optional dependency, used only here
     python app.py --ckpt best.pt                 # then open http://127.0.0.1:7860
@@ -19,20 +19,14 @@ import os
 import sys
 
 from basics import UserError, add_device_flags, clean, in_notebook, parse_args
-from serve import open_classifier
+from serve import HEADLINES, open_classifier
 
-EXAMPLES = [
-    "Stocks rally as the Fed signals a pause in interest rate hikes",
-    "Late goal lifts United to a 2-1 win over City in the derby",
-    "NASA telescope spots water vapour on a distant planet",
-    "Peace talks resume as the ceasefire holds along the border",
-    "Oil prices hit a record high as supply fears grow",
-]
+EXAMPLES = HEADLINES[:5]
 
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="A Gradio page (and HTTP API) that classifies news headlines.")
+        description="A Gradio page (and HTTP API) that classifies texts with a checkpoint.")
     p.add_argument("--ckpt", default="best.pt",
                    help="checkpoint written by train.py, or a folder written by export.py")
     p.add_argument("--host", default="127.0.0.1",

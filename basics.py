@@ -1,9 +1,10 @@
 """What the scripts share that needs neither torch nor transformers: user errors, flag helpers,
-reading UTF-8 text and the text clean-up. The ONNX serving path (serve.py; predict.py and app.py
-given an export folder) imports only this, so it runs where torch is not installed. common.py and
-data.py re-export these names."""
+reading UTF-8 text, the text clean-up and file modes. The ONNX serving path (serve.py; predict.py
+and app.py given an export folder) imports only this, so it runs where torch is not installed.
+common.py and data.py re-export these names."""
 import argparse
 import html
+import os
 import re
 import sys
 
@@ -128,3 +129,12 @@ def decode_utf8(path, raw):
         line = raw[: err.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text "
                         f"({err.reason} at byte {err.start})") from None
+
+
+def respect_umask(path, mode=0o666):
+    """mkstemp and mkdtemp make files and folders only their owner can read; give a finished one
+    the mode open() or mkdir() would (0666 for a file, 0777 for a folder, less the umask), so
+    others on a shared server can read it if the umask says so."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, mode & ~mask)

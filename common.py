@@ -24,6 +24,7 @@ from basics import (  # noqa: F401 (re-exported: the scripts import them from he
     non_negative,
     parse_args,
     positive,
+    respect_umask,
 )
 
 
@@ -268,14 +269,6 @@ def reports_dir(output_dir, ckpt_path):
     out_dir = Path(output_dir) if output_dir else Path(ckpt_path).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
-
-
-def respect_umask(path):
-    """mkstemp makes files only their owner can read; give a finished file the mode open() would
-    (0666 less the umask), so others on a shared server can read it if the umask says so."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def atomic_save(obj, path):

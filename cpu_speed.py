@@ -71,19 +71,20 @@ def eager_attention_cpu_dropout(module, query, key, value, attention_mask, scali
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-def use_cpu_dropout(model):
-    """Swap every nn.Dropout for CpuDropout (same p), and SDPA for eager_attention_cpu_dropout where
-    the encoder uses transformers' attention interface. The same model and the same dropout in
-    expectation (the masks are drawn differently); no weights touched."""
+def use_cpu_dropout(model, attention=True):
+    """Swap every nn.Dropout for CpuDropout (same p), and (attention=True) SDPA for
+    eager_attention_cpu_dropout where the encoder uses transformers' attention interface. The same
+    model and the same dropout in expectation (the masks are drawn differently); no weights
+    touched."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Dropout:
                 setattr(module, name, CpuDropout(child.p))
-    try:  # transformers 5; on 4.x BERT-family models keep SDPA, with the slow dropout inside it
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    except ImportError:
+    if not attention:
         return
+    from transformers import AttentionInterface, AttentionMaskInterface  # transformers 5
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
     encoder, config = model.encoder, model.encoder.config
     if (config.model_type in CPU_ATTENTION_MODEL_TYPES and config._attn_implementation == "sdpa"
             and getattr(encoder, "_supports_attention_backend", False)

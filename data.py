@@ -97,9 +97,10 @@ def read_table(path, text_columns, label_column, how):
 
     path, kind = Path(path), "TSV" if str(path).endswith(".tsv") else "CSV"
     text = read_text(path)
+    sep = "\t" if kind == "TSV" else ","
+    lines = record_lines(path, text, sep, kind)  # and each row as wide as the header
     try:
-        table = pd.read_csv(io.StringIO(text), sep="\t" if kind == "TSV" else ",", dtype=str,
-                            keep_default_na=False)
+        table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path}: no data rows (an empty file)") from None
     except pd.errors.ParserError as err:
@@ -111,7 +112,6 @@ def read_table(path, text_columns, label_column, how):
                             f"{list(table.columns)}")
     if table.empty:
         raise UserError(f"{path}: no data rows (only a header)")
-    lines = record_lines(path, text, "\t" if kind == "TSV" else ",", len(table.columns))
     texts, labels, keep, dropped = [], [], [], 0
     for i, row in enumerate(table[[*text_columns, label_column]].itertuples(index=False)):
         parts = [clean(value, how) for value in row[:-1]]
@@ -131,20 +131,27 @@ def read_table(path, text_columns, label_column, how):
     return texts, labels, keep
 
 
-def record_lines(path, text, sep, width):
+def record_lines(path, text, sep, kind):
     """The line each data record of a headered CSV/TSV ends on (a quoted field may span lines),
-    blank lines skipped as pandas skips them; a record whose fields are not as many as the
-    header's is an error (pandas would shift a longer first one into an index)."""
+    blank and all-space lines skipped as pandas skips them. A record with another number of
+    fields than the header, or a broken quote, is an error naming its line (pandas would shift a
+    longer first record into an index, and names no line for a broken quote)."""
     csv.field_size_limit(1 << 26)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
-    next(reader, None)  # the header
-    lines = []
-    for row in reader:
-        if row and row != [""]:
-            if len(row) != width:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+    lines, width = [], None
+    try:
+        for row in reader:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if width is None:
+                width = len(row)  # the header
+            elif len(row) != width:
                 raise UserError(f"{path}:{reader.line_num}: expected {width} fields, as the "
                                 f"header has, got {len(row)}")
-            lines.append(reader.line_num)
+            else:
+                lines.append(reader.line_num)
+    except csv.Error as err:
+        raise UserError(f"{path}:{reader.line_num}: malformed {kind} ({err})") from None
     return lines
 
 
@@ -164,9 +171,10 @@ def agnews_class_names(data_dir, class_names=None):
     class_names if given: its head's outputs mean those."""
     names = read_class_names(data_dir) or DEFAULT_CLASS_NAMES
     if class_names is not None and names != class_names:
-        raise UserError(f"the checkpoint was trained on classes {class_names}, but "
-                        f"{Path(data_dir) / 'classes.txt'} lists {names}. Pass the --data-dir "
-                        f"of that run.")
+        source = (f"{Path(data_dir) / 'classes.txt'} lists" if read_class_names(data_dir)
+                  else f"{data_dir} has no classes.txt, so AG News's classes are")
+        raise UserError(f"the checkpoint was trained on classes {class_names}, but {source} "
+                        f"{names}. Pass the --data-dir of that run.")
     return names
 
 
@@ -267,12 +275,12 @@ def add_data_flags(parser):
 def data_layout(config):
     """The flags that say how to read a data folder -> {"columns": (text columns, label column)
     or None for AG News's layout, "clean": "agnews" or "none"}."""
-    text_columns, label_column = config.get("text_columns"), config.get("label_column")
+    text_columns, label_column = config["text_columns"], config["label_column"]
     if bool(text_columns) != bool(label_column):
         raise UserError("--text-columns and --label-column go together: name the text columns "
                         "and the label column of your file")
     columns = (list(text_columns), label_column) if text_columns else None
-    how = config.get("clean", "auto")
+    how = config["clean"]
     return {"columns": columns,
             "clean": ("none" if columns else "agnews") if how == "auto" else how}
 
@@ -298,7 +306,7 @@ def load_splits(config, data_dir=None, class_names=None):
     """config: train.py's flags (a run's, or a checkpoint's "config"); data_dir: another folder
     than config["data_dir"]; class_names: the checkpoint's (labels are read by them). -> {
     "class_names", "train", "val", "test": (texts, label ids), "test_from": a description, "clean":
-    the clean-up applied}. The
+    the clean-up applied, "train_file": its path}. The
     same flags always give the same rows: the test split is test.csv, or a stratified share of
     train.csv (--test-size); the validation split a stratified share of the rest (--val-size);
     both seeded by --seed. That is how evaluate.py --split val finds the rows a run validated on.
@@ -311,6 +319,9 @@ def load_splits(config, data_dir=None, class_names=None):
         raise UserError(f"--data-dir {data_dir}: no train.csv (or train.tsv) there")
     listed = read_class_names(data_dir)
     if layout["columns"] is None:  # class index k is the k-th name of classes.txt
+        if train_path.suffix == ".tsv":
+            raise UserError(f"{train_path}: a TSV is read by its header: pass --text-columns and "
+                            f"--label-column (AG News's own layout is a CSV)")
         names = agnews_class_names(data_dir, class_names)
         texts, labels = read_csv(train_path, len(names), layout["clean"])
     else:
@@ -334,12 +345,12 @@ def load_splits(config, data_dir=None, class_names=None):
     kept, val_rows = stratified_split([labels[i] for i in rows], config["val_size"],
                                       config["seed"])
     train_rows, val_rows = [rows[i] for i in kept], [rows[i] for i in val_rows]
-    if config.get("max_train_samples") and config["max_train_samples"] < len(train_rows):
+    if config["max_train_samples"] and config["max_train_samples"] < len(train_rows):
         train_rows = sorted(random.Random(config["seed"]).sample(train_rows,
                                                                  config["max_train_samples"]))
     pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
     return {"class_names": names, "train": pick(train_rows), "val": pick(val_rows), "test": test,
-            "test_from": test_from, "clean": layout["clean"]}
+            "test_from": test_from, "clean": layout["clean"], "train_file": train_path}
 
 
 def load_checkpoint_split(ckpt, data_dir, split):

@@ -30,11 +30,12 @@ from model import (
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Evaluate a fine-tuned checkpoint on AG News.")
+    p = argparse.ArgumentParser(
+        description="Evaluate a checkpoint on its run's test or validation split.")
     p.add_argument("--ckpt", default="best.pt",
                    help="checkpoint written by train.py (best.pt or last.pt)")
     p.add_argument("--data-dir", default=None,
-                   help="folder with test.csv (default: the run's --data-dir)")
+                   help="a data folder, read as the run read its own (default: the run's)")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="val: the validation rows train.py carved from train.csv "
                         "(same --val-size and --seed)")

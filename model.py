@@ -149,9 +149,13 @@ def fit_temperature(logits, labels, low=0.05, high=20.0):
     N labels: of the validation split, never the test's (Guo et al. 2017). T > 1 softens an
     over-confident model; dividing by T > 0 keeps every argmax, so the accuracy cannot change.
     The NLL is convex in 1/T, hence unimodal in log T: a golden-section search on
-    [log low, log high] finds it. The bounds matter when every row is right: then the NLL only
-    falls as T -> 0."""
+    [log low, log high] finds it. When every row is right the NLL only falls as T -> 0, which
+    would make every probability 1: there is nothing to fit then, and T stays 1."""
     logits, labels = torch.as_tensor(logits).double(), torch.as_tensor(labels)
+    if torch.equal(logits.argmax(-1), labels):
+        print("note: every validation row is classified right, so no temperature can be fitted; "
+              "keeping 1 (probabilities as the model gives them)")
+        return 1.0
     def nll(log_t):
         return F.cross_entropy(logits / math.exp(log_t), labels).item()
     a, b, ratio = math.log(low), math.log(high), (math.sqrt(5) - 1) / 2
@@ -273,7 +277,7 @@ def load_model(path, device="cpu"):
         Path(tmp, "config.json").write_text(json.dumps(state["encoder_config"]))
         tokenizer = AutoTokenizer.from_pretrained(tmp)
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(tmp)).float()
-    model = TopicClassifier(encoder, len(state["class_names"]), state["config"].get("dropout", 0.1))
+    model = TopicClassifier(encoder, len(state["class_names"]), state["config"]["dropout"])
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer, state
 

@@ -1,4 +1,4 @@
-"""Classify news texts with a trained checkpoint: the topic and each class's probability, per text.
+"""Classify texts with a trained checkpoint: the class and each class's probability, per text.
 
     python predict.py --ckpt best.pt "Stocks rally as the Fed holds rates" "Late goal wins derby"
     python predict.py --ckpt best.pt --file headlines.txt --format csv > out.csv  # a text per line
@@ -25,7 +25,7 @@ from serve import open_classifier
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Classify news texts with a checkpoint written by train.py.")
+        description="Classify texts with a checkpoint written by train.py, or its export.")
     p.add_argument("texts", nargs="*", help="texts to classify (quote each one)")
     p.add_argument("--ckpt", default="best.pt",
                    help="checkpoint written by train.py, or a folder written by export.py")

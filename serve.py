@@ -18,15 +18,42 @@ import numpy as np
 from basics import UserError, check_format, clean_texts
 
 EXPORT_FORMAT = 1  # export.json's "format": raised whenever the folder's contents change
+# Sample news headlines: app.py's examples, and export.py's parity texts (joined in runs of 1 to 4:
+# 64 texts of many lengths) when the run's train.csv is not at hand.
+HEADLINES = [
+    "Stocks rally as the Fed signals a pause in interest rate hikes",
+    "Late goal lifts United to a 2-1 win over City in the derby",
+    "NASA telescope spots water vapour on a distant planet",
+    "Peace talks resume as the ceasefire holds along the border",
+    "Oil prices hit a record high as supply fears grow",
+    "Chip maker unveils a faster processor for laptops",
+    "Coach resigns after the team's worst season in a decade",
+    "Parliament passes a budget after a night of debate",
+    "Bank shares slide as profit forecasts are cut",
+    "Open-source browser gains users after a security scare",
+    "Champion retains her title in a five-set final",
+    "Floods force thousands from their homes in the south",
+    "Retailer posts higher holiday sales than expected",
+    "Scientists sequence the genome of a rare orchid",
+    "Minister visits troops ahead of the election",
+    "Striker signs a three-year contract with the club",
+]
+
 
 
 def open_classifier(path, device="auto", amp=False, amp_dtype="auto"):
     """predict.py's and app.py's --ckpt -> (classify, info). A folder is an export: ONNX Runtime
     on the CPU, and neither torch nor transformers is imported. Anything else is a checkpoint:
     model.load_classifier, on --device with --amp."""
+    if not Path(path).exists():
+        raise UserError(f"--ckpt {path}: not found (a best.pt written by train.py, or an export "
+                        f"folder written by export.py)")
     if not Path(path).is_dir():
-        from model import load_classifier
-
+        try:
+            from model import load_classifier
+        except ImportError:  # a serving install (requirements-serve.txt): no torch
+            raise UserError(f"--ckpt {path}: a checkpoint needs PyTorch and transformers (pip "
+                            f"install -r requirements.txt); an export folder does not") from None
         return load_classifier(path, device, amp, amp_dtype)
     flags = [f"--device {device}"] * (device not in ("auto", "cpu")) + ["--amp"] * bool(amp)
     if flags:

@@ -128,7 +128,7 @@ def run(args, stop, rank, world, device):
     run_info = {"tokenizer_files": tokenizer_files(tokenizer), "class_names": class_names,
                 "max_length": args.max_length, "config": vars(args), "clean": splits["clean"],
                 "precision": precision_name(amp_dtype), "world_size": world}
-    this_run = fingerprint(args, world, steps_per_epoch, amp_dtype)
+    this_run = fingerprint(args, world, steps_per_epoch, amp_dtype, splits)
     at = {"epoch": 0, "batch": 0, "step": 0, "best_val_accuracy": -1.0, "evals_since_best": 0}
     if args.resume:
         at = load_last(out_dir / "last.pt", this_run, model, training, rank, world)
@@ -206,8 +206,9 @@ def run(args, stop, rank, world, device):
     best = read_checkpoint(out_dir / "best.pt")
     model.load_state_dict(best["model"])
     # calibrated probabilities: one temperature, fitted on the validation logits (never the test's)
-    best["temperature"] = fit_temperature(score("val")[1], splits["val"][1])
-    save_checkpoint(best, out_dir / "best.pt")
+    if "temperature" not in best:  # a finished run resumed again keeps its own
+        best["temperature"] = fit_temperature(score("val")[1], splits["val"][1])
+        save_checkpoint(best, out_dir / "best.pt")
     metrics = score("test")[0]
     log.evaluation("test", at["step"], metrics)
     log.close()
@@ -274,15 +275,16 @@ RESUME_FREE = {"output_dir", "resume", "overwrite", "log_every", "save_every", "
                "cache_dir", "device", "amp", "amp_dtype", "batch_size", "grad_accum_steps"}
 
 
-def fingerprint(args, world, steps_per_epoch, amp_dtype):
+def fingerprint(args, world, steps_per_epoch, amp_dtype, splits):
     """What a resumed run must share with the saved one, key by key: every flag that changes the
     weights or the batches, the global batch in rows, the steps per epoch (with another number of
-    processes the epoch's last rows may split into another number), the data and the precision
-    (--amp gives fp16 on a T4, bf16 on an A100)."""
+    processes the epoch's last rows may split into another number), the data (the train file, the
+    classes and where the test rows come from) and the precision (--amp: fp16 on a T4, bf16 on an
+    A100)."""
     flags = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in RESUME_FREE}
     return {**flags, "global batch (rows)": args.batch_size * world * args.grad_accum_steps,
-            "steps per epoch": steps_per_epoch,
-            "train.csv md5": file_md5(Path(args.data_dir) / "train.csv"),
+            "steps per epoch": steps_per_epoch, "train file md5": file_md5(splits["train_file"]),
+            "classes": splits["class_names"], "test split": splits["test_from"],
             "precision": precision_name(amp_dtype)}
 
 

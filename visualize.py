@@ -40,7 +40,7 @@ def build_parser():
         description="t-SNE/PCA maps of a checkpoint's embeddings and its training curves.")
     p.add_argument("--ckpt", default="best.pt", help="checkpoint written by train.py")
     p.add_argument("--data-dir", default=None,
-                   help="folder with test.csv (default: the run's --data-dir)")
+                   help="a data folder, read as the run read its own (default: the run's)")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--num-samples", type=positive(int), default=2000,
                    help="stratified sample of the split")
@@ -84,7 +84,7 @@ def sample_rows(labels, num_samples, seed, num_classes):
     # A stratified split needs a row of every class on both sides; so near the whole split, take it
     # all.
     if num_classes <= num_samples < len(labels) - num_classes:
-        rows = stratified_split(labels, num_samples, seed)[1]
+        rows = stratified_split(labels, num_samples, seed, "--num-samples")[1]
     elif num_samples < num_classes:
         rows = []
     counts = np.bincount([labels[i] for i in rows], minlength=num_classes)

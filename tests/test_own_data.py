@@ -98,6 +98,13 @@ def test_a_tsv_and_integer_labels(tmp_path, tiny_model_dir):
     # the headline and the summary, joined with a space
     first = next(r for r in rows if r[0] == "sport-0")
     assert f"{first[2]} {first[3]}" in splits["train"][0] + splits["val"][0] + splits["test"][0]
+    # and a run on it, which reads the same train.tsv for its resume fingerprint
+    result = train.main(tiny_args(tiny_model_dir, folder, tmp_path / "run", "--epochs", 1,
+                                  "--text-columns", "headline", "summary", "--label-column",
+                                  "topic"))
+    assert result["test_accuracy"] >= 0
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["class_names"] == ["1", "2", "10"]
 
 
 def test_without_test_csv_the_held_out_split_is_stratified_seeded_and_said(three_class_dir,
@@ -247,12 +254,37 @@ def table(tmp_path):
      r"train.csv:2: expected 3 fields, as the header has, got 5"),
     ("id,topic,headline\n1,a,x\n2,b\n", (["headline"], "topic"),
      r"train.csv:3: expected 3 fields, as the header has, got 2"),
-    ('id,topic,headline\n1,a,"x\n', (["headline"], "topic"), r"train.csv: malformed CSV \("),
+    ('id,topic,headline\n1,a,"x\n', (["headline"], "topic"), r"train.csv:2: malformed CSV \("),
+    ("id,topic,headline\n1,a,x\n2,b,y\n2,b,y,z\n", (["headline"], "topic"),
+     r"train.csv:4: expected 3 fields, as the header has, got 4"),
 ])
 def test_bad_tables_give_one_line_naming_the_file_and_line_or_column(table, content, columns,
                                                                       message):
     with pytest.raises(UserError, match=message):
         read_table(table(content), *columns, "none")
+
+
+def test_blank_and_all_space_lines_are_skipped_as_pandas_skips_them(table):
+    texts, labels, lines = read_table(table("id,topic,text\n1,a,x\n\n   \n2,b,y\n"),
+                                      ["text"], "topic", "none")
+    assert texts == ["x", "y"] and labels == ["a", "b"] and lines == [2, 5]
+
+
+def test_resume_refuses_other_classes_or_another_test_split(three_class_dir, tiny_model_dir,
+                                                            tmp_path):
+    flags = own_args(tiny_model_dir, three_class_dir, tmp_path / "run", "--epochs", 1)
+    train.main(flags)
+    # the same train.csv, its label ids reordered by a classes.txt
+    (three_class_dir / "classes.txt").write_text("sport\npolitics\nmoney\n")
+    with pytest.raises(UserError, match=r"other settings:\n  classes: \['money', 'politics', "
+                                        r"'sport'\] then, \['sport', 'politics', 'money'\] now$"):
+        train.main([*flags, "--resume"])
+    (three_class_dir / "classes.txt").unlink()
+    # test.csv gone: its rows would now come out of train.csv
+    (three_class_dir / "test.csv").unlink()
+    with pytest.raises(UserError, match=r"test split: 'test.csv' then, '18 rows of train.csv held "
+                                        r"out \(--test-size\)' now"):
+        train.main([*flags, "--resume"])
 
 
 def test_rows_with_no_text_are_counted_and_dropped(table, capsys):

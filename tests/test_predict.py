@@ -100,7 +100,7 @@ def test_json_output_stays_parseable_with_amp(tiny_ckpt, capsys):
     ([], "no texts to classify"),
     (["--file", "missing.txt"], "--file missing.txt: file not found"),
     (["--file", "empty.txt"], "--file empty.txt: no texts in it"),
-    (["--ckpt", "nowhere.pt", "team cup"], "--ckpt nowhere.pt: file not found"),
+    (["--ckpt", "nowhere.pt", "team cup"], "--ckpt nowhere.pt: not found"),
 ])
 def test_user_mistakes_are_named(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

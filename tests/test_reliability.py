@@ -61,7 +61,7 @@ def test_resume_on_changed_data_is_refused(tiny_model_dir, tiny_data_dir, tmp_pa
     with open(tiny_data_dir / "train.csv", "a") as f:
         f.write('"1","One more row","about the minister"\n')
     with pytest.raises(UserError,
-                       match=r"other settings:\n  train.csv md5: '\w+' then, '\w+' now$"):
+                       match=r"other settings:\n  train file md5: '\w+' then, '\w+' now$"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1, "--resume"))
 
 

@@ -135,6 +135,20 @@ def test_predict_on_an_export_needs_neither_torch_nor_the_other_files(precision,
     np.testing.assert_allclose(got, probs, atol=1e-5 if precision == "fp32" else 0.05, rtol=0)
 
 
+def test_a_serving_install_given_a_checkpoint_says_what_it_needs(run, tmp_path):
+    """Without torch, a best.pt is one clear line, not an ImportError's traceback."""
+    for script in ROOT.glob("*.py"):  # a whole clone, with only the serving requirements
+        shutil.copy(script, tmp_path / script.name)
+    env = {"PYTHONPATH": str(block_torch(tmp_path / "blocked")), "PATH": "/usr/bin:/bin"}
+    for ckpt, message in [(run[0], "a checkpoint needs PyTorch and transformers (pip install"),
+                          (tmp_path / "nothing", "nothing: not found (a best.pt")]:
+        proc = subprocess.run([sys.executable, tmp_path / "predict.py", "--ckpt", ckpt, "text"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+
 def test_a_failing_parity_gate_writes_nothing(run, tmp_path, monkeypatch):
     real = export.run_logits
     monkeypatch.setattr(export, "run_logits", lambda *args: real(*args) + 1e-3)

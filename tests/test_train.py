@@ -230,12 +230,14 @@ def test_resume_compares_every_flag_that_changes_the_weights(tiny_model_dir, tin
     dests = {a.dest for a in parser._actions if a.dest != "help"}
     assert train.RESUME_FREE < dests
     base = ["--data-dir", str(tiny_data_dir)]
-    saved = train.fingerprint(parser.parse_args(base), 1, 16, None)
+    splits = {"train_file": tiny_data_dir / "train.csv", "class_names": ["a", "b"],
+              "test_from": "test.csv"}
+    saved = train.fingerprint(parser.parse_args(base), 1, 16, None, splits)
     moved = shutil.copytree(tiny_data_dir, tmp_path / "moved")  # the same train.csv elsewhere
     for dest in dests - train.RESUME_FREE:
         args = parser.parse_args(base)
         setattr(args, dest, str(moved) if dest == "data_dir" else "another value")
-        now = train.fingerprint(args, 1, 16, None)
+        now = train.fingerprint(args, 1, 16, None, splits)
         assert [k for k in now if now[k] != saved[k]] == [f"--{dest.replace('_', '-')}"], dest
     # and for real: another clipping threshold would no longer give the uninterrupted run's weights
     train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
