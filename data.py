@@ -169,9 +169,10 @@ def read_class_names(data_dir):
 def agnews_class_names(data_dir, class_names=None):
     """AG News's layout: classes.txt's names (or AG News's four), checked against a checkpoint's
     class_names if given: its head's outputs mean those."""
-    names = read_class_names(data_dir) or DEFAULT_CLASS_NAMES
+    listed = read_class_names(data_dir)
+    names = listed or DEFAULT_CLASS_NAMES
     if class_names is not None and names != class_names:
-        source = (f"{Path(data_dir) / 'classes.txt'} lists" if read_class_names(data_dir)
+        source = (f"{Path(data_dir) / 'classes.txt'} lists" if listed
                   else f"{data_dir} has no classes.txt, so AG News's classes are")
         raise UserError(f"the checkpoint was trained on classes {class_names}, but {source} "
                         f"{names}. Pass the --data-dir of that run.")
@@ -294,8 +295,8 @@ def data_file(data_dir, split):
 
 
 def read_split(path, layout, class_names, named_by):
-    """One data file -> (texts, label ids). Labels are read by class_names' order (None: AG News's
-    class indices, for its layout)."""
+    """One data file -> (texts, label ids): AG News's class indices for its layout, else the
+    labels' places in class_names."""
     if layout["columns"] is None:
         return read_csv(path, len(class_names), layout["clean"])
     texts, labels, lines = read_table(path, *layout["columns"], layout["clean"])
@@ -334,13 +335,14 @@ def load_splits(config, data_dir=None, class_names=None):
     if missing and class_names is None:
         raise UserError(f"{train_path}: no rows of class {missing} (the classes are {names}); "
                         f"the model cannot learn a class it never sees")
+    pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
     if test_path is not None:
         test = read_split(test_path, layout, names, f"those of {train_path.name}")
         rows, test_from = list(range(len(labels))), test_path.name
     else:
         rows, test_rows = stratified_split(labels, config["test_size"], config["seed"],
                                            "--test-size")
-        test = ([texts[i] for i in test_rows], [labels[i] for i in test_rows])
+        test = pick(test_rows)
         test_from = f"{len(test_rows)} rows of {train_path.name} held out (--test-size)"
     kept, val_rows = stratified_split([labels[i] for i in rows], config["val_size"],
                                       config["seed"])
@@ -348,7 +350,6 @@ def load_splits(config, data_dir=None, class_names=None):
     if config["max_train_samples"] and config["max_train_samples"] < len(train_rows):
         train_rows = sorted(random.Random(config["seed"]).sample(train_rows,
                                                                  config["max_train_samples"]))
-    pick = lambda idx: ([texts[i] for i in idx], [labels[i] for i in idx])
     return {"class_names": names, "train": pick(train_rows), "val": pick(val_rows), "test": test,
             "test_from": test_from, "clean": layout["clean"], "train_file": train_path}
 

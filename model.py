@@ -203,8 +203,8 @@ def tokenizer_files(tokenizer):
 
 def make_checkpoint(model, run_info, position, **resume_state):
     """The one checkpoint format (see the top of this file). run_info: what stays the same all run
-    (tokenizer_files, class_names, max_length, config, precision, world_size); position: where the
-    run is; resume_state: what last.pt adds."""
+    (tokenizer_files, class_names, max_length, config, clean, precision, world_size); position:
+    where the run is; resume_state: what last.pt adds."""
     return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
             "encoder_config": model.encoder.config.to_dict(), **run_info,
             "position": dict(position), **resume_state}
