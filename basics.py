@@ -1,7 +1,6 @@
 """What the scripts share that needs neither torch nor transformers: user errors, flag helpers,
 reading UTF-8 text, the text clean-up and file modes. The ONNX serving path (serve.py; predict.py
-and app.py given an export folder) imports only this, so it runs where torch is not installed.
-common.py and data.py re-export these names."""
+and app.py given an export folder) imports only this, so it runs where torch is not installed."""
 import argparse
 import html
 import os

@@ -17,15 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from basics import (  # noqa: F401 (re-exported: the scripts import them from here)
-    UserError,
-    add_device_flags,
-    in_notebook,
-    non_negative,
-    parse_args,
-    positive,
-    respect_umask,
-)
+from basics import UserError, respect_umask
 
 
 class Stopped(KeyboardInterrupt):

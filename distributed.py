@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common import UserError, pick_device
+from basics import UserError
+from common import pick_device
 
 _flags_group = None  # gloo: all_max (the per-step stop flag) runs on the CPU
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from common import add_device_flags, environment, parse_args, positive, reports_dir
+from basics import add_device_flags, parse_args, positive
+from common import environment, reports_dir
 from data import load_checkpoint_split, tokenize
 from model import (
     evaluate_model,

@@ -3,7 +3,7 @@ and the one checkpoint format.
 
 A checkpoint is a plain dict loadable with torch.load(..., weights_only=True). best.pt:
     {"format": 2, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
-     "class_names": [str], "max_length": int, "clean": "agnews" | "none" (data.clean),
+     "class_names": [str], "max_length": int, "clean": "agnews" | "none" (basics.clean),
      "config": {train.py flag: value},
      "precision": "fp32" | "bf16" | "fp16", "world_size": int (processes),
      "position": {"epoch": int (0-based, the epoch of the last step), "batch": int (steps done in
@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from basics import check_format, clean_texts
+from basics import UserError, check_format, clean_texts
 from common import (
-    UserError,
     atomic_save,
     autocast,
     pad_multiple,

@@ -24,20 +24,15 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import distributed
+from basics import UserError, add_device_flags, in_notebook, non_negative, parse_args, positive
 from common import (
     Stopped,
     StopSignals,
     TrainingLog,
-    UserError,
-    add_device_flags,
     autocast,
     environment,
-    in_notebook,
-    non_negative,
     pad_multiple,
-    parse_args,
     pick_amp_dtype,
-    positive,
     precision_name,
     to_device,
 )

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common import UserError, add_device_flags, autocast, parse_args, positive, reports_dir
+from basics import UserError, add_device_flags, parse_args, positive
+from common import autocast, reports_dir
 from data import load_checkpoint_split, stratified_split, tokenize
 from model import infer, load_pretrained, load_trained
 

@@ -75,7 +75,8 @@ def compare(args, work):
                                         "--overwrite", *flags,
                                         *(["--data-dir", args.data_dir] if args.data_dir else [])])
     # the serving tokenizer against transformers', on every test text
-    from serve import clean_texts, open_tokenizer
+    from basics import clean_texts
+    from serve import open_tokenizer
 
     cleaned = clean_texts(texts, ckpt["clean"])
     onnx_tokenizer = open_tokenizer(work / "fp32" / "tokenizer.json", ckpt["max_length"])
@@ -211,7 +212,8 @@ def profile(folder, texts, threads):
     """ONNX Runtime's profiler over one batch of 64 test texts of median length: ms per op type."""
     import onnxruntime as ort
 
-    from serve import clean_texts, open_tokenizer, read_manifest, run_logits
+    from basics import clean_texts
+    from serve import open_tokenizer, read_manifest, run_logits
 
     info = read_manifest(folder)
     options = ort.SessionOptions()

@@ -11,7 +11,7 @@ import pytest
 from conftest import train_tiny
 
 import app
-from common import UserError
+from basics import UserError
 from model import load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]

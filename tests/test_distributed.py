@@ -16,7 +16,7 @@ from conftest import save_tiny_bert, tiny_args
 
 import evaluate
 import train
-from common import UserError
+from basics import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32, no dropout anywhere (the encoder's own included): a run is then a function of its rows

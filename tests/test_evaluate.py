@@ -15,7 +15,7 @@ from sklearn.metrics import (
 )
 
 import evaluate
-from common import UserError
+from basics import UserError
 from data import load_checkpoint_split, tokenize
 from model import classification_metrics, evaluate_model, expected_calibration_error, load_model
 

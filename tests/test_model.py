@@ -7,7 +7,8 @@ from sklearn.metrics import f1_score
 
 import model as model_lib
 import train
-from common import UserError, autocast, cpu_has_native_bf16, pick_amp_dtype
+from basics import UserError
+from common import autocast, cpu_has_native_bf16, pick_amp_dtype
 from model import (
     TopicClassifier,
     classification_metrics,

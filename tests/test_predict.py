@@ -7,7 +7,7 @@ import torch
 from conftest import TOPIC_WORDS, train_tiny
 
 import predict
-from common import UserError
+from basics import UserError
 from model import load_classifier, load_model
 
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]

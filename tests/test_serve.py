@@ -15,7 +15,7 @@ from conftest import train_tiny
 
 import export
 import serve
-from common import UserError
+from basics import UserError
 from model import load_classifier, load_model, read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

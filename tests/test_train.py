@@ -12,7 +12,8 @@ from conftest import tiny_args
 import common
 import model
 import train
-from common import UserError, warn_if_slow
+from basics import UserError
+from common import warn_if_slow
 
 
 def test_train_end_to_end_writes_checkpoints_metrics_and_learns(tiny_model_dir, tiny_data_dir,

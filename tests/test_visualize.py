@@ -8,7 +8,7 @@ from matplotlib.image import imread
 from sklearn.metrics import silhouette_score
 
 import visualize
-from common import UserError
+from basics import UserError
 from data import read_csv
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
