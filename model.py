@@ -17,7 +17,6 @@ process's random state, in rank order).
 """
 import json
 import math
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -211,34 +210,6 @@ def make_checkpoint(model, run_info, position, **resume_state):
 
 def save_checkpoint(state, path):
     atomic_save(state, path)  # never a half-written best.pt or last.pt, even on a kill mid-write
-
-
-def prepare_output_dir(out_dir, args):
-    """Fail before any training if the outputs could not be written or would clobber another run."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as err:
-        raise UserError(f"--output-dir {out_dir}: not writable ({err})") from None
-    for stale in out_dir.glob(".*.pt.*.tmp"):  # a run killed mid-write left it
-        stale.unlink()
-    if args.resume and not (out_dir / "last.pt").is_file():
-        raise UserError(f"--resume: no last.pt in --output-dir {out_dir} to resume from")
-    existing = [name for name in ("best.pt", "last.pt") if (out_dir / name).exists()]
-    if existing and not args.resume and not args.overwrite:
-        raise UserError(f"--output-dir {out_dir} already holds {' and '.join(existing)} from "
-                        f"another run. Pass --resume to continue that run, --overwrite to replace "
-                        f"it, or another --output-dir.")
-
-
-def check_room(out_dir, model):
-    # last.pt: the weights and AdamW's two moments (all fp32); best.pt: the weights; a temp copy of
-    # last.pt while it is written.
-    need = sum(p.numel() for p in model.parameters()) * 4 * (3 + 1 + 3)
-    free = shutil.disk_usage(out_dir).free
-    if free < need:
-        raise UserError(f"--output-dir {out_dir}: {free / 2**20:,.0f} MiB free, checkpoints need "
-                        f"~{need / 2**20:,.0f} MiB")
 
 
 def read_checkpoint(path):

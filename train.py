@@ -28,7 +28,6 @@ from basics import UserError, add_device_flags, in_notebook, non_negative, parse
 from common import (
     Stopped,
     StopSignals,
-    TrainingLog,
     autocast,
     environment,
     pad_multiple,
@@ -40,16 +39,15 @@ from cpu_speed import speed_up_cpu_training
 from data import add_data_flags, collate, file_md5, load_splits, step_batches, tokenize_cached
 from model import (
     TopicClassifier,
-    check_room,
     evaluate_model,
     fit_temperature,
     load_pretrained,
     make_checkpoint,
-    prepare_output_dir,
     read_checkpoint,
     save_checkpoint,
     tokenizer_files,
 )
+from train_log import TrainingLog, check_room, prepare_output_dir
 
 
 def main(argv=None):

@@ -10,10 +10,10 @@ import torch
 from conftest import tiny_args
 
 import common
-import model
 import train
+import train_log
 from basics import UserError
-from common import warn_if_slow
+from train_log import warn_if_slow
 
 
 def test_train_end_to_end_writes_checkpoints_metrics_and_learns(tiny_model_dir, tiny_data_dir,
@@ -161,7 +161,8 @@ def test_a_run_of_hours_on_a_cpu_is_announced_with_what_to_do(capsys):
 
 def test_too_little_disk_for_checkpoints_is_refused_before_training(tiny_model_dir, tiny_data_dir,
                                                                     tmp_path, monkeypatch):
-    monkeypatch.setattr(model.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    monkeypatch.setattr(train_log.shutil, "disk_usage",
+                        lambda path: types.SimpleNamespace(free=1000))
     with pytest.raises(UserError, match=r"--output-dir .*: 0 MiB free, checkpoints need ~\d+ MiB"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
     assert not (tmp_path / "last.pt").exists()
