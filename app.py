@@ -19,7 +19,8 @@ import os
 import sys
 
 from basics import UserError, add_device_flags, clean, in_notebook, parse_args
-from serve import HEADLINES, open_classifier
+from predict import open_classifier
+from serve import HEADLINES
 
 EXAMPLES = HEADLINES[:5]
 
