@@ -95,6 +95,13 @@ def pick_amp_dtype(device, amp, amp_dtype="auto"):
     return torch.bfloat16
 
 
+def pick_device_and_amp_dtype(device="auto", amp=False, amp_dtype="auto"):
+    """The --device, --amp and --amp-dtype flags of the scripts that load a checkpoint (evaluate.py,
+    visualize.py, predict.py, app.py) -> (torch.device, autocast dtype or None)."""
+    device = pick_device(device)
+    return device, pick_amp_dtype(device, amp, amp_dtype)
+
+
 def cpu_has_native_bf16():
     """AVX512-BF16 or AMX: bf16 arithmetic in hardware. oneDNN's own check
     (torch.ops.mkldnn._is_mkldnn_bf16_supported) says True on any AVX512 CPU, where it emulates

@@ -29,8 +29,7 @@ from common import (
     atomic_save,
     autocast,
     pad_multiple,
-    pick_amp_dtype,
-    pick_device,
+    pick_device_and_amp_dtype,
     to_device,
 )
 from data import batch_order, collate, tokenize
@@ -62,9 +61,10 @@ class TopicClassifier(nn.Module):
         return self.head(self.dropout(self.embed(input_ids, attention_mask)))
 
 
-def load_pretrained(name, max_length=None):
-    """Encoder and tokenizer from a hub name or a local folder; a clear error if that fails, or if
-    the encoder takes fewer than max_length tokens."""
+def load_pretrained_encoder(name, max_length=None):
+    """What a run starts from (train.py's --model): the pretrained encoder and its tokenizer, from
+    a hub name or a local folder; a clear error if that fails, or if the encoder takes fewer than
+    max_length tokens."""
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -236,8 +236,9 @@ def require_temperature(state, path):
     return state["temperature"]
 
 
-def load_model(path, device="cpu"):
-    """best.pt (or last.pt) -> (model in eval mode, tokenizer, checkpoint dict). No hub needed."""
+def load_trained_model(path, device="cpu"):
+    """What a run ends with: best.pt (or last.pt) -> (the TopicClassifier in eval mode, on
+    device, its tokenizer, the checkpoint dict). Offline: the checkpoint holds all of it."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     state = read_checkpoint(path)
@@ -252,22 +253,14 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), tokenizer, state
 
 
-def load_trained(path, device="auto", amp=False, amp_dtype="auto"):
-    """What evaluate.py, visualize.py and predict.py start from: the --device, --amp and
-    --amp-dtype flags resolved and the checkpoint loaded -> (model, tokenizer, checkpoint dict,
-    device, amp_dtype)."""
-    device = pick_device(device)
-    amp_dtype = pick_amp_dtype(device, amp, amp_dtype)
-    return *load_model(path, device), device, amp_dtype
-
-
 def load_classifier(path, device="auto", amp=False, amp_dtype="auto"):
     """best.pt -> (classify, info): classify(texts, batch_size=64) -> (N, C) class probabilities,
     softmax(logits / the checkpoint's temperature), rows in input order, the texts cleaned and
     truncated as in training. info: the checkpoint's class_names, max_length, clean, temperature,
-    config, position and encoder_config. predict.py and app.py share it (serve.py is its ONNX
-    twin)."""
-    model, tokenizer, state, device, amp_dtype = load_trained(path, device, amp, amp_dtype)
+    config, position and encoder_config. predict.py and app.py share it (serve.load_export is its
+    ONNX twin; predict.open_classifier picks one)."""
+    device, amp_dtype = pick_device_and_amp_dtype(device, amp, amp_dtype)
+    model, tokenizer, state = load_trained_model(path, device)
     require_temperature(state, path)
     # Keep the small entries only: the weights (and last.pt's optimizer) would be a second copy.
     info = {k: state[k] for k in ("class_names", "max_length", "clean", "temperature", "config",

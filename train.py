@@ -41,7 +41,7 @@ from model import (
     TopicClassifier,
     evaluate_model,
     fit_temperature,
-    load_pretrained,
+    load_pretrained_encoder,
     make_checkpoint,
     read_checkpoint,
     save_checkpoint,
@@ -82,7 +82,7 @@ def run(args, stop, rank, world, device):
     # ---- data: read, clean, split, tokenize once (each batch is padded to its longest row later)
     with distributed.rank_zero_first():  # collective: one download, one tokenizer cache
         splits = load_splits(vars(args))  # class names; (texts, label ids) of train, val, test
-        encoder, tokenizer = load_pretrained(args.model, args.max_length)
+        encoder, tokenizer = load_pretrained_encoder(args.model, args.max_length)
         cache = Path(args.cache_dir).expanduser()
         token_ids = {name: tokenize_cached(tokenizer, splits[name][0], args.max_length, cache)
                      for name in ("train", "val", "test")}

@@ -26,9 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from basics import UserError, add_device_flags, parse_args, positive
-from common import autocast, reports_dir
+from common import autocast, pick_device_and_amp_dtype, reports_dir
 from data import load_checkpoint_split, stratified_split, tokenize
-from model import infer, load_pretrained, load_trained
+from model import infer, load_pretrained_encoder, load_trained_model
 
 KNN_NEIGHBOURS, KNN_FOLDS = 10, 5
 # (width, height) inches of one map; the PNG is width*panels x height
@@ -110,7 +110,7 @@ def pretrained_embeddings(name, token_ids, pad_id, device, amp_dtype, batch_size
     """The 'before' vectors from the encoder the run started from, or None (with a note) if it can't
     be loaded: it lives outside the checkpoint, e.g. on the hub, which may be unreachable."""
     try:
-        encoder, _ = load_pretrained(name)
+        encoder, _ = load_pretrained_encoder(name)
     except UserError as err:
         print(f"note: no 'before fine-tuning' panel: the pretrained encoder {name!r} "
               f"(the checkpoint's config['model']) could not be loaded offline ({err.code}). "
@@ -296,8 +296,8 @@ def short_name(name):
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)
-    model, tokenizer, ckpt, device, amp_dtype = load_trained(args.ckpt, args.device, args.amp,
-                                                             args.amp_dtype)
+    device, amp_dtype = pick_device_and_amp_dtype(args.device, args.amp, args.amp_dtype)
+    model, tokenizer, ckpt = load_trained_model(args.ckpt, device)
     data_dir, (texts, labels) = load_checkpoint_split(ckpt, args.data_dir, args.split)
     out_dir, class_names = reports_dir(args.output_dir, args.ckpt), ckpt["class_names"]
     rows = sample_rows(labels, args.num_samples, args.seed, len(class_names))

@@ -62,9 +62,9 @@ def main(argv=None):
 def compare(args, work):
     import export
     from data import load_checkpoint_split
-    from model import load_model
+    from model import load_trained_model
 
-    model, tokenizer, ckpt = load_model(args.ckpt)
+    model, tokenizer, ckpt = load_trained_model(args.ckpt)
     data_dir, (texts, labels) = load_checkpoint_split(ckpt, args.data_dir, "test")
     (work / "texts.json").write_text(json.dumps({"texts": texts, "labels": labels}))
     del model

@@ -198,9 +198,9 @@ def test_resume_under_another_mixed_precision_is_refused(tiny_model_dir, tiny_da
 
 
 def test_optimizer_decays_matrices_only_and_covers_every_parameter_once(tiny_model_dir):
-    from model import TopicClassifier, load_pretrained
+    from model import TopicClassifier, load_pretrained_encoder
 
-    model = TopicClassifier(load_pretrained(str(tiny_model_dir))[0], 4)
+    model = TopicClassifier(load_pretrained_encoder(str(tiny_model_dir))[0], 4)
     args = train.build_parser().parse_args(["--weight-decay", "0.05"])
     groups = train.make_optimizer(model, args).param_groups
     ids = [id(p) for g in groups for p in g["params"]]
