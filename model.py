@@ -1,5 +1,6 @@
-"""The classifier (a pretrained encoder + our dropout and linear head), the one evaluation function,
-and the one checkpoint format.
+"""The classifier (a pretrained encoder + our dropout and linear head; its embedding is the first
+token's, [CLS]) and the bare pretrained encoder, mean-pooled (visualize.py's "before" panel): all
+the pooling there is. Then the one evaluation function, and the one checkpoint format.
 
 A checkpoint is a plain dict loadable with torch.load(..., weights_only=True). best.pt:
     {"format": 2, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
@@ -59,6 +60,22 @@ class TopicClassifier(nn.Module):
     def forward(self, input_ids, attention_mask):
         # (B, num_labels) logits
         return self.head(self.dropout(self.embed(input_ids, attention_mask)))
+
+
+class MeanPooled(nn.Module):
+    """A bare pretrained encoder as a sentence embedder: the mean of its last hidden states over the
+    real tokens. Before fine-tuning the [CLS] state has never been trained to summarise the text;
+    the mean is the usual baseline (and is how all-MiniLM-L6-v2 was trained to be used)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def embed(self, input_ids, attention_mask):
+        # (B, T, H)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
 
 
 def load_pretrained_encoder(name, max_length=None):

@@ -6,10 +6,10 @@ curves.
     main(["--ckpt", "runs/best.pt", "--num-samples", "500"])  # the same from a notebook cell
 
 "before": the pretrained encoder the run started from (the checkpoint's config["model"]),
-mean-pooled over the real tokens. "after": the fine-tuned embedding the classification head reads
-(model.embed). Both panels show the same points with the same seed, and are titled with the
-silhouette score and the 10-NN accuracy (5-fold cross-validation), both computed on the full
-embeddings (cosine), not on the 2-D map, which distorts distances.
+mean-pooled over the real tokens (model.MeanPooled). "after": the fine-tuned embedding the
+classification head reads (model.embed). Both panels show the same points with the same seed, and
+are titled with the silhouette score and the 10-NN accuracy (5-fold cross-validation), both
+computed on the full embeddings (cosine), not on the 2-D map, which distorts distances.
 Writes to --output-dir (default: the checkpoint's folder): embeddings_{split}.png and .json (.npz
 with --save-embeddings), and training_curves.png from the run's metrics.jsonl.
 """
@@ -22,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from basics import UserError, add_device_flags, parse_args, positive
 from common import autocast, pick_device_and_amp_dtype, reports_dir
 from data import load_checkpoint_split, stratified_split, tokenize
-from model import infer, load_pretrained_encoder, load_trained_model
+from model import MeanPooled, infer, load_pretrained_encoder, load_trained_model
 
 KNN_NEIGHBOURS, KNN_FOLDS = 10, 5
 # (width, height) inches of one map; the PNG is width*panels x height
@@ -62,22 +61,6 @@ def build_parser():
 
 
 # ------------------------------------------------------------------------------------- embeddings
-class MeanPooled(nn.Module):
-    """A bare pretrained encoder as a sentence embedder: the mean of its last hidden states over the
-    real tokens. Before fine-tuning the [CLS] state has never been trained to summarise the text;
-    the mean is the usual baseline (and is how all-MiniLM-L6-v2 was trained to be used)."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def embed(self, input_ids, attention_mask):
-        # (B, T, H)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
-
-
 def sample_rows(labels, num_samples, seed, num_classes):
     """Row indices of a seeded stratified sample (all rows if the split is smaller), checked to hold
     enough points of each class for the k-NN cross-validation."""
