@@ -7,8 +7,8 @@
     torchrun --standalone --nproc_per_node 2 train.py --epochs 3 --amp  # 2 GPUs: distributed.py
 
 run() reads top to bottom: setup, data, model and optimizer, resume, the loop, the final test. The
-helpers follow in the order it uses them. Ctrl-C, a notebook's stop button and SIGTERM stop it
-after the step in flight, with last.pt saved.
+helpers follow main() and run() in the order those use them. Ctrl-C, a notebook's stop button
+and SIGTERM stop it after the step in flight, with last.pt saved.
 """
 import argparse
 import json
@@ -261,7 +261,7 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr, fused=True)
 
 
-# ------------------------------------------------------------------------------------ last.pt
+# ------------------------------------------------------------------------------------ resume
 # Flags a resumed run may change: where it writes and logs, how it evaluates, the device, and how
 # it spells the global batch and the precision (the fingerprint holds what they resolve to).
 RESUME_FREE = {"output_dir", "resume", "overwrite", "log_every", "save_every", "eval_batch_size",
@@ -309,21 +309,6 @@ def load_last(path, run_fingerprint, model, training, rank, world):
     return at
 
 
-def save_last(path, model, training, run_info, at, run_fingerprint, rngs):
-    """last.pt: a checkpoint at position `at`, plus all --resume needs to go on exactly from there.
-    training: the optimizer, scheduler and scaler by name; rngs: every process's random state."""
-    save_checkpoint(make_checkpoint(model, run_info, at, fingerprint=run_fingerprint, rng=rngs,
-                                    **{k: v.state_dict() for k, v in training.items()}), path)
-
-
-def rng_state(device):
-    """This process's random state: dropout on the GPU draws from the device's generator."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
 # ------------------------------------------------------------------------------------ the loop
 def every(n, last):
     """The steps n, 2n, ... up to last; none for n = 0."""
@@ -344,6 +329,21 @@ def training_steps(plan, epochs, at):
 def save_best(path, model, run_info, at):
     save_checkpoint(make_checkpoint(model, run_info, at), path)
     tqdm.write(f"saved {path} (val accuracy {at['best_val_accuracy']:.4f})")
+
+
+def rng_state(device):
+    """This process's random state: dropout on the GPU draws from the device's generator."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_last(path, model, training, run_info, at, run_fingerprint, rngs):
+    """last.pt: a checkpoint at position `at`, plus all --resume needs to go on exactly from there.
+    training: the optimizer, scheduler and scaler by name; rngs: every process's random state."""
+    save_checkpoint(make_checkpoint(model, run_info, at, fingerprint=run_fingerprint, rng=rngs,
+                                    **{k: v.state_dict() for k, v in training.items()}), path)
 
 
 def stop_message(stopped, phase, out_dir, argv, world):

@@ -32,3 +32,24 @@ def test_every_name_is_imported_from_the_module_that_defines_it():
                 wrong += [f"{path.relative_to(ROOT)}: from {node.module} import {alias.name}"
                           for alias in node.names if alias.name not in defines[node.module]]
     assert not wrong, "imported from a module that only imports it:\n" + "\n".join(wrong)
+
+
+def story_order(functions, name, order):
+    """The module's own functions in the order `name`'s body first calls them, each called
+    function's body walked where it is first called (main calls run, run calls its helpers)."""
+    calls = [node for node in ast.walk(functions[name])
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+    for call in sorted(calls, key=lambda node: (node.lineno, node.col_offset)):
+        if call.func.id in functions and call.func.id not in order:
+            order.append(call.func.id)
+            story_order(functions, call.func.id, order)
+    return order
+
+
+def test_train_py_helpers_follow_in_the_order_the_story_uses_them():
+    # train.py's docstring: "run() reads top to bottom ... The helpers follow in the order it
+    # uses them." main first, run next, then each helper where main's and run's story reaches it.
+    tree = ast.parse(MODULES["train"].read_text(encoding="utf-8"))
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    helpers = [name for name in story_order(functions, "main", []) if name != "run"]
+    assert list(functions) == ["main", "run", *helpers]
