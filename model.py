@@ -3,13 +3,13 @@ token's, [CLS]) and the bare pretrained encoder, mean-pooled (visualize.py's "be
 the pooling there is. Then the one evaluation function, and the one checkpoint format.
 
 A checkpoint is a plain dict loadable with torch.load(..., weights_only=True). best.pt:
-    {"format": 2, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
+    {"format": 3, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
      "class_names": [str], "max_length": int, "clean": "agnews" | "none" (basics.clean),
      "config": {train.py flag: value},
      "precision": "fp32" | "bf16" | "fp16", "world_size": int (processes),
-     "position": {"epoch": int (0-based, the epoch of the last step), "batch": int (steps done in
-                  that epoch), "step": int (steps done in all), "best_val_accuracy": float,
-                  "evals_since_best": int},
+     "position": {"epoch": int (0-based, the epoch of the last step), "step_in_epoch": int
+                  (steps done in that epoch), "step": int (steps done in all),
+                  "best_val_accuracy": float, "evals_since_best": int},
      "temperature": float (probabilities are softmax(logits / temperature); fitted on the
                     validation split when the run ends, so a run stopped early has none yet)}
 last.pt, written by train.save_last for --resume, adds "fingerprint" (what a resumed run must
@@ -35,7 +35,7 @@ from common import (
 )
 from data import batch_order, collate, tokenize
 
-CHECKPOINT_FORMAT = 2  # raised whenever the format changes: there is no converter
+CHECKPOINT_FORMAT = 3  # raised whenever the format changes: there is no converter
 
 
 class TopicClassifier(nn.Module):

@@ -122,7 +122,8 @@ def run(args, stop, rank, world, device):
                 "max_length": args.max_length, "config": vars(args), "clean": splits["clean"],
                 "precision": precision_name(amp_dtype), "world_size": world}
     this_run = fingerprint(args, world, steps_per_epoch, amp_dtype, splits)
-    at = {"epoch": 0, "batch": 0, "step": 0, "best_val_accuracy": -1.0, "evals_since_best": 0}
+    at = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_accuracy": -1.0,
+          "evals_since_best": 0}
     if args.resume:
         at = load_last(out_dir / "last.pt", this_run, model, training, rank, world)
     if rank == 0:
@@ -143,7 +144,7 @@ def run(args, stop, rank, world, device):
     model.train()
     stop.phase = "training"  # from here a stop waits for the step in flight, then saves it
     out_of_patience = bool(args.patience) and at["evals_since_best"] >= args.patience
-    for epoch, batch, step, micro_batches in training_steps(plan, args.epochs, at):
+    for epoch, step_in_epoch, step, micro_batches in training_steps(plan, args.epochs, at):
         if out_of_patience:  # in this run, or in the one resumed
             break
         step_rows = sum(len(rows) for rows in micro_batches)  # of all processes
@@ -166,7 +167,7 @@ def run(args, stop, rank, world, device):
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]  # the LR this step used
         scheduler.step()  # every step, skipped or not, so the schedule ends at total_steps
-        at.update(epoch=epoch, batch=batch, step=step)
+        at.update(epoch=epoch, step_in_epoch=step_in_epoch, step=step)
         log.step(step, grad_norm, micro_batches)
         if step in log_steps:  # collective: the loss summed over the processes
             log.line(epoch, step, lr, distributed.all_sum(log.loss_sum.clone()) / world)
@@ -321,9 +322,9 @@ def training_steps(plan, epochs, at):
     step = at["step"]
     for epoch in range(at["epoch"], epochs):
         steps = plan(epoch)
-        for batch in range(at["batch"] if epoch == at["epoch"] else 0, len(steps)):
+        for done in range(at["step_in_epoch"] if epoch == at["epoch"] else 0, len(steps)):
             step += 1
-            yield epoch, batch + 1, step, steps[batch]
+            yield epoch, done + 1, step, steps[done]
 
 
 def save_best(path, model, run_info, at):

@@ -54,7 +54,7 @@ def test_checkpoint_round_trip_with_weights_only(tiny, tmp_path):
     run_info = {"tokenizer_files": model_lib.tokenizer_files(tokenizer),
                 "class_names": ["W", "S", "B", "T"], "max_length": args.max_length,
                 "config": vars(args)}
-    position = {"epoch": 0, "batch": 10, "step": 10, "best_val_accuracy": 0.5,
+    position = {"epoch": 0, "step_in_epoch": 10, "step": 10, "best_val_accuracy": 0.5,
                 "evals_since_best": 0}
     state = model_lib.make_checkpoint(model, run_info, position)
     save_checkpoint(state, tmp_path / "best.pt")
@@ -98,8 +98,8 @@ def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tiny, tmp_pa
         read_checkpoint(tmp_path / "nothing.pt")
     # another version's format: refused, not half read
     save_checkpoint({"format": model_lib.CHECKPOINT_FORMAT - 1, "model": {}}, tmp_path / "old.pt")
-    with pytest.raises(UserError, match=r"old.pt: checkpoint format 1, written by another version "
-                                        r"of this toolkit; this one reads format 2"):
+    with pytest.raises(UserError, match=r"old.pt: checkpoint format 2, written by another version "
+                                        r"of this toolkit; this one reads format 3"):
         read_checkpoint(tmp_path / "old.pt")
     # a plain pickle, not torch's zip format
     (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"format": 1}, protocol=2))

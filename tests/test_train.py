@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -10,6 +11,7 @@ import torch
 from conftest import tiny_args
 
 import common
+import model
 import train
 import train_log
 from basics import UserError
@@ -358,3 +360,27 @@ def test_patience_stops_the_run_with_its_test_report_and_survives_resume(
     assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
                                 "--resume")) == result
     assert val_steps(tmp_path / "b") == [4, 8, 12]
+
+
+def documented_checkpoint_keys():
+    """model.py's docstring -> (best.pt's keys, position's keys, the keys last.pt adds)."""
+    doc = model.__doc__
+    start = doc.index("{", doc.index("best.pt:"))
+    depth, top, nested = 0, [], []
+    for token in re.finditer(r'[{}]|"(\w+)":', doc[start:]):
+        depth += {"{": 1, "}": -1}.get(token.group(0), 0)
+        if token.group(1):
+            (top if depth == 1 else nested).append(token.group(1))
+        if depth == 0:
+            break
+    adds = re.findall(r'"(\w+)"', doc[doc.index("adds", doc.index("last.pt,")):])
+    return set(top), set(nested) - set(top), set(adds)
+
+
+def test_the_format_in_model_py_is_what_train_writes(tiny_model_dir, tiny_data_dir, tmp_path):
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
+    best, last = (torch.load(tmp_path / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    keys, position, adds = documented_checkpoint_keys()
+    assert set(best) == keys and best["format"] == model.CHECKPOINT_FORMAT
+    assert set(best["position"]) == set(last["position"]) == position
+    assert set(last) == keys - {"temperature"} | adds
