@@ -51,8 +51,7 @@ class TrainingLog:
     def __init__(self, path, first_step, total_steps, train_lengths, device, fp16, writes):
         self.path, self.writes, self.fp16, self.device = path, writes, fp16, device
         if writes:  # a resumed run writes again what a killed one logged after its last.pt
-            records = [json.loads(line) for line in
-                       (path.read_text().splitlines() if first_step and path.is_file() else [])]
+            records = read_records(path) if first_step and path.is_file() else []
             path.write_text("".join(json.dumps(r) + "\n" for r in records
                                     if r.get("split") != "test" and r["step"] <= first_step))
         self.bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step",
@@ -132,6 +131,26 @@ class TrainingLog:
 
     def close(self):
         self.bar.close()
+
+
+def read_records(path):
+    """metrics.jsonl -> its records. A last line cut short (a run killed while writing it) is
+    dropped, with a note; a bad line before others is no kill's doing, and an error naming it."""
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+        elif n == lines[-1][0]:
+            print(f"note: {path}:{n}: dropped a line cut short (a run killed while writing it)")
+        else:
+            raise UserError(f"{path}:{n}: not a JSON record of train.py ({line[:40]!r}); mend "
+                            f"or delete that line")
+    return records
 
 
 def warn_if_slow(seconds_per_step, steps_left):

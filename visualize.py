@@ -28,6 +28,7 @@ from basics import UserError, add_device_flags, parse_args, positive
 from common import autocast, pick_device_and_amp_dtype, reports_dir
 from data import load_checkpoint_split, stratified_split, tokenize
 from model import MeanPooled, infer, load_pretrained_encoder, load_trained_model
+from train_log import read_records
 
 KNN_NEIGHBOURS, KNN_FOLDS = 10, 5
 # (width, height) inches of one map; the PNG is width*panels x height
@@ -208,11 +209,7 @@ def read_metrics(path):
     """metrics.jsonl -> its records; a resumed run logs some steps twice, so the later record of a
     step wins."""
     latest = {}
-    for line in Path(path).read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash mid-write
+    for record in read_records(Path(path)):  # a last line cut short by a kill is dropped
         latest[(record.get("type"), record.get("split"), record.get("step"))] = record
     return sorted(latest.values(), key=lambda r: r.get("step", 0))
 

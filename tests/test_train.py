@@ -384,3 +384,24 @@ def test_the_format_in_model_py_is_what_train_writes(tiny_model_dir, tiny_data_d
     assert set(best) == keys and best["format"] == model.CHECKPOINT_FORMAT
     assert set(best["position"]) == set(last["position"]) == position
     assert set(last) == keys - {"temperature"} | adds
+
+
+def test_resume_drops_a_torn_last_line_of_metrics_and_loses_nothing_else(tiny_model_dir,
+                                                                         tiny_data_dir, tmp_path,
+                                                                         capsys):
+    flags = tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1)
+    first = train.main(flags)
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    # a process killed mid-write leaves its last line cut short
+    metrics.write_text("\n".join(lines) + '\n{"type": "train", "epoch": 1, "st')
+    assert train.main([*flags, "--resume"]) == first
+    assert metrics.read_text().splitlines() == lines
+    out = capsys.readouterr().out
+    assert f"note: {metrics}:{len(lines) + 1}: dropped a line cut short" in out
+    # a bad line before others is no kill's doing: refused, naming it, the file left as it is
+    broken = [*lines[:2], "not json", *lines[2:]]
+    metrics.write_text("\n".join(broken) + "\n")
+    with pytest.raises(UserError, match=rf"{re.escape(str(metrics))}:3: not a JSON record"):
+        train.main([*flags, "--resume"])
+    assert metrics.read_text().splitlines() == broken
