@@ -275,11 +275,15 @@ def fingerprint(args, world, steps_per_epoch, amp_dtype, splits):
     processes the epoch's last rows may split into another number), the data (the train file, the
     classes and where the test rows come from) and the precision (--amp: fp16 on a T4, bf16 on an
     A100)."""
-    flags = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in RESUME_FREE}
-    return {**flags, "global batch (rows)": args.batch_size * world * args.grad_accum_steps,
-            "steps per epoch": steps_per_epoch, "train file md5": file_md5(splits["train_file"]),
-            "classes": splits["class_names"], "test split": splits["test_from"],
-            "precision": precision_name(amp_dtype)}
+    rows = args.batch_size * world * args.grad_accum_steps
+    return {**flag_values(args), "global batch (rows)": rows, "steps per epoch": steps_per_epoch,
+            "train file md5": file_md5(splits["train_file"]), "classes": splits["class_names"],
+            "test split": splits["test_from"], "precision": precision_name(amp_dtype)}
+
+
+def flag_values(args):
+    """The fingerprint's flags, by name (--lr): all but those a resumed run may change."""
+    return {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in RESUME_FREE}
 
 
 def load_last(path, run_fingerprint, model, training, rank, world):
@@ -289,7 +293,8 @@ def load_last(path, run_fingerprint, model, training, rank, world):
     if "fingerprint" not in state:
         raise UserError(f"--resume: {path} holds no run fingerprint (is it a copy of best.pt?), "
                         f"so nothing says this run may continue it; start a new run")
-    then = state["fingerprint"]
+    # A flag added to the project since that run was saved: it ran as the flag's default does.
+    then = {**flag_values(build_parser().parse_args([])), **state["fingerprint"]}
     diffs = [f"{key}: {then.get(key)!r} then, {now!r} now"
              for key, now in run_fingerprint.items() if then.get(key) != now]
     if diffs:

@@ -405,3 +405,17 @@ def test_resume_drops_a_torn_last_line_of_metrics_and_loses_nothing_else(tiny_mo
     with pytest.raises(UserError, match=rf"{re.escape(str(metrics))}:3: not a JSON record"):
         train.main([*flags, "--resume"])
     assert metrics.read_text().splitlines() == broken
+
+
+def test_a_flag_added_since_a_run_was_saved_compares_against_its_default(tiny_model_dir,
+                                                                          tiny_data_dir, tmp_path):
+    flags = tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1)
+    first = train.main(flags)
+    # saved before --class-weights existed: the run had no such flag, so it ran as its default does
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["fingerprint"]["--class-weights"]
+    torch.save(state, tmp_path / "last.pt")
+    assert train.main([*flags, "--resume"]) == first
+    with pytest.raises(UserError, match=r"other settings:\n  --class-weights: 'none' then, "
+                                        r"'balanced' now$"):
+        train.main([*flags, "--resume", "--class-weights", "balanced"])
