@@ -263,10 +263,12 @@ def make_optimizer(model, args):
 
 
 # ------------------------------------------------------------------------------------ resume
-# Flags a resumed run may change: where it writes and logs, how it evaluates, the device, and how
-# it spells the global batch and the precision (the fingerprint holds what they resolve to).
+# Flags a resumed run may change: where it writes and logs, how it evaluates, the device, where
+# the data is, and how it spells the global batch and the precision (the fingerprint holds what
+# they resolve to: the train file's md5, the classes, the global batch in rows, the precision).
 RESUME_FREE = {"output_dir", "resume", "overwrite", "log_every", "save_every", "eval_batch_size",
-               "cache_dir", "device", "amp", "amp_dtype", "batch_size", "grad_accum_steps"}
+               "cache_dir", "device", "data_dir", "amp", "amp_dtype", "batch_size",
+               "grad_accum_steps"}
 
 
 def fingerprint(args, world, steps_per_epoch, amp_dtype, splits):

@@ -237,12 +237,15 @@ def test_resume_compares_every_flag_that_changes_the_weights(tiny_model_dir, tin
     splits = {"train_file": tiny_data_dir / "train.csv", "class_names": ["a", "b"],
               "test_from": "test.csv"}
     saved = train.fingerprint(parser.parse_args(base), 1, 16, None, splits)
-    moved = shutil.copytree(tiny_data_dir, tmp_path / "moved")  # the same train.csv elsewhere
     for dest in dests - train.RESUME_FREE:
         args = parser.parse_args(base)
-        setattr(args, dest, str(moved) if dest == "data_dir" else "another value")
+        setattr(args, dest, "another value")
         now = train.fingerprint(args, 1, 16, None, splits)
         assert [k for k in now if now[k] != saved[k]] == [f"--{dest.replace('_', '-')}"], dest
+    # the same train.csv elsewhere is the same data: its content decides, not the folder's name
+    moved = shutil.copytree(tiny_data_dir, tmp_path / "moved")
+    assert train.fingerprint(parser.parse_args(["--data-dir", str(moved)]), 1, 16, None,
+                             {**splits, "train_file": moved / "train.csv"}) == saved
     # and for real: another clipping threshold would no longer give the uninterrupted run's weights
     train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
     with pytest.raises(UserError, match=r"other settings:\n  --max-grad-norm: 1.0 then, 0.5 now$"):
@@ -419,3 +422,17 @@ def test_a_flag_added_since_a_run_was_saved_compares_against_its_default(tiny_mo
     with pytest.raises(UserError, match=r"other settings:\n  --class-weights: 'none' then, "
                                         r"'balanced' now$"):
         train.main([*flags, "--resume", "--class-weights", "balanced"])
+
+
+def test_the_same_data_in_another_folder_resumes_and_other_data_is_refused(tiny_model_dir,
+                                                                           tiny_data_dir,
+                                                                           tmp_path):
+    out = tmp_path / "run"
+    first = train.main(tiny_args(tiny_model_dir, tiny_data_dir, out, "--epochs", 1))
+    moved = shutil.copytree(tiny_data_dir, tmp_path / "moved")  # copied to another disk, say
+    assert train.main(tiny_args(tiny_model_dir, moved, out, "--epochs", 1, "--resume")) == first
+    rows = (moved / "train.csv").read_text().splitlines()
+    (moved / "train.csv").write_text("\n".join(rows[:-1]) + "\n")  # one row fewer: other data
+    with pytest.raises(UserError, match=r"other settings:\n  train file md5: '[0-9a-f]{32}' then, "
+                                        r"'[0-9a-f]{32}' now"):
+        train.main(tiny_args(tiny_model_dir, moved, out, "--epochs", 1, "--resume"))
