@@ -229,10 +229,12 @@ def save_checkpoint(state, path):
     atomic_save(state, path)  # never a half-written best.pt or last.pt, even on a kill mid-write
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, flag="--ckpt"):
+    """A checkpoint of this format, as a dict; else one line naming the file (and the flag that
+    named it: None for the files train.py finds in its --output-dir)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--ckpt {path}: file not found")
+        raise UserError(f"{flag + ' ' if flag else ''}{path}: file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (a truncated file, a pickle with code, not torch's)

@@ -197,7 +197,7 @@ def run(args, stop, rank, world, device):
         return None
 
     # ---- final report: the best checkpoint on the held-out test set
-    best = read_checkpoint(out_dir / "best.pt")
+    best = read_checkpoint(out_dir / "best.pt", flag=None)
     model.load_state_dict(best["model"])
     # calibrated probabilities: one temperature, fitted on the validation logits (never the test's)
     if "temperature" not in best:  # a finished run resumed again keeps its own
@@ -291,7 +291,7 @@ def flag_values(args):
 def load_last(path, run_fingerprint, model, training, rank, world):
     """last.pt into the model, the optimizer, scheduler and scaler, and this process's random
     state -> its position; or one refusal listing each difference of the fingerprints."""
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, flag=None)
     if "fingerprint" not in state:
         raise UserError(f"--resume: {path} holds no run fingerprint (is it a copy of best.pt?), "
                         f"so nothing says this run may continue it; start a new run")

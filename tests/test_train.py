@@ -436,3 +436,13 @@ def test_the_same_data_in_another_folder_resumes_and_other_data_is_refused(tiny_
     with pytest.raises(UserError, match=r"other settings:\n  train file md5: '[0-9a-f]{32}' then, "
                                         r"'[0-9a-f]{32}' now"):
         train.main(tiny_args(tiny_model_dir, moved, out, "--epochs", 1, "--resume"))
+
+
+def test_a_missing_best_pt_is_named_without_a_flag_train_py_lacks(tiny_model_dir, tiny_data_dir,
+                                                                   tmp_path):
+    flags = tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1)
+    train.main(flags)
+    (tmp_path / "best.pt").unlink()  # e.g. only last.pt was copied to this machine
+    with pytest.raises(UserError) as refused:
+        train.main([*flags, "--resume"])
+    assert refused.value.code == f"error: {tmp_path / 'best.pt'}: file not found"
