@@ -24,7 +24,8 @@ from common import atomic_save
 
 DEFAULT_DATA_DIR = "data/ag_news"  # the only folder AG News is downloaded into
 DEFAULT_CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
-# torchtext's AG_NEWS source; md5 of the exact files (see README, "Data").
+# torchtext's AG_NEWS source; md5 of the exact files, checked after each download (the test file's
+# is also in data/ag_news_small/README.md, with the dataset's origin and terms).
 DOWNLOAD_URL = ("https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/"
                 "{name}")
 MD5 = {"train.csv": "b1a00f826fdfbd249f79597b59e1dc12",
