@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from basics import UserError, respect_umask
+from basics import UserError, release_frames, respect_umask
 
 
 class Stopped(KeyboardInterrupt):
@@ -35,7 +35,8 @@ class StopSignals:
     "training" they only set stop.signum: train.py finishes the step in flight, saves it and stops
     (a second signal changes nothing, a third stops at once: checkpoints are written atomically,
     so the previous last.pt stays intact). Otherwise they raise Stopped at once. The previous
-    handlers come back on exit."""
+    handlers come back on exit; a stop or a UserError that ends the block lets go of the frames it
+    passed through (basics.release_frames: in a notebook, run()'s model on the GPU)."""
 
     def __enter__(self):
         self.phase, self.signum, self.count, self.previous = "setup", None, 0, {}
@@ -52,9 +53,11 @@ class StopSignals:
               "twice more: at once)" if self.count == 1 else "still stopping..."),
               file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, kind, err, traceback):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+        if isinstance(err, (UserError, KeyboardInterrupt)):
+            release_frames(err)
 
 
 # ------------------------------------------------------------------------------------------ devices

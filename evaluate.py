@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from basics import add_device_flags, parse_args, positive
+from basics import add_device_flags, frees_on_stop, parse_args, positive
 from common import environment, pick_device_and_amp_dtype, reports_dir
 from data import load_checkpoint_split, tokenize
 from model import (
@@ -186,6 +186,7 @@ def print_summary(result, report_text, errors, path):
               f"predicted {r['predicted']}: {r['text'][:100]}")
 
 
+@frees_on_stop
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     device, amp_dtype = pick_device_and_amp_dtype(args.device, args.amp, args.amp_dtype)

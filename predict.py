@@ -20,7 +20,7 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from basics import UserError, add_device_flags, decode_utf8, parse_args, positive
+from basics import UserError, add_device_flags, decode_utf8, frees_on_stop, parse_args, positive
 from serve import load_export
 
 
@@ -107,6 +107,7 @@ def write_rows(rows, class_names, fmt, out=None):
                       + f"  {text}\n")
 
 
+@frees_on_stop
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     texts = read_texts(args.texts, args.file)

@@ -54,7 +54,8 @@ def main(argv=None):
     args = parse_args(build_parser(), argv)
     rank, world, device = distributed.init(args.device)  # torchrun's process, or the only one
     try:
-        # Ctrl-C, the stop button, SIGTERM: see common.py. Under torchrun rank 0 alone prints.
+        # Ctrl-C, the stop button, SIGTERM; a stop or an error lets go of run()'s memory: see
+        # common.py. Under torchrun rank 0 alone prints.
         with StopSignals() as stop, distributed.print_on_rank_zero():
             try:
                 return run(args, stop, rank, world, device)
@@ -263,9 +264,8 @@ def make_optimizer(model, args):
 
 
 # ------------------------------------------------------------------------------------ resume
-# Flags a resumed run may change: where it writes and logs, how it evaluates, the device, where
-# the data is, and how it spells the global batch and the precision (the fingerprint holds what
-# they resolve to: the train file's md5, the classes, the global batch in rows, the precision).
+# Flags a resumed run may change: its output, logging, cache and evaluation batch, the device, and
+# how it names its data, batch and precision (the fingerprint holds the md5, rows and dtype).
 RESUME_FREE = {"output_dir", "resume", "overwrite", "log_every", "save_every", "eval_batch_size",
                "cache_dir", "device", "data_dir", "amp", "amp_dtype", "batch_size",
                "grad_accum_steps"}
@@ -273,10 +273,9 @@ RESUME_FREE = {"output_dir", "resume", "overwrite", "log_every", "save_every", "
 
 def fingerprint(args, world, steps_per_epoch, amp_dtype, splits):
     """What a resumed run must share with the saved one, key by key: every flag that changes the
-    weights or the batches, the global batch in rows, the steps per epoch (with another number of
-    processes the epoch's last rows may split into another number), the data (the train file, the
-    classes and where the test rows come from) and the precision (--amp: fp16 on a T4, bf16 on an
-    A100)."""
+    weights or the batches, the global batch in rows, the steps per epoch (another number of
+    processes may split the epoch's last rows into another number), the data (the train file's
+    md5, the classes, where the test rows come from) and the precision (--amp: fp16 on a T4)."""
     rows = args.batch_size * world * args.grad_accum_steps
     return {**flag_values(args), "global batch (rows)": rows, "steps per epoch": steps_per_epoch,
             "train file md5": file_md5(splits["train_file"]), "classes": splits["class_names"],

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from basics import UserError, add_device_flags, parse_args, positive
+from basics import UserError, add_device_flags, frees_on_stop, parse_args, positive
 from common import autocast, pick_device_and_amp_dtype, reports_dir
 from data import load_checkpoint_split, stratified_split, tokenize
 from model import MeanPooled, infer, load_pretrained_encoder, load_trained_model
@@ -274,6 +274,7 @@ def short_name(name):
     return "/".join(Path(name).parts[-2:])  # a hub name, or the end of a local folder's path
 
 
+@frees_on_stop
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     device, amp_dtype = pick_device_and_amp_dtype(args.device, args.amp, args.amp_dtype)
