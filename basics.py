@@ -28,8 +28,8 @@ def in_notebook():
 
 def frees_on_stop(main):
     """A script's main(argv), made to let go of its memory when a UserError or a stop (Ctrl-C, a
-    notebook's stop button) ends it: see release_frames. (train.py's StopSignals does the same for
-    run().)"""
+    notebook's stop button) ends it: see release_frames (common.StopSignals does the same for
+    train.run())."""
     @functools.wraps(main)
     def entry_point(argv=None):
         try:

@@ -264,8 +264,9 @@ def make_optimizer(model, args):
 
 
 # ------------------------------------------------------------------------------------ resume
-# Flags a resumed run may change: its output, logging, cache and evaluation batch, the device, and
-# how it names its data, batch and precision (the fingerprint holds the md5, rows and dtype).
+# Flags a resumed run may change: where it writes, logs and caches, how it evaluates, the device,
+# and how it names its data, global batch and precision: the fingerprint holds what those are (the
+# train file's md5 and classes, the batch in rows, the resolved precision).
 RESUME_FREE = {"output_dir", "resume", "overwrite", "log_every", "save_every", "eval_batch_size",
                "cache_dir", "device", "data_dir", "amp", "amp_dtype", "batch_size",
                "grad_accum_steps"}
