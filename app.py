@@ -18,8 +18,9 @@ import argparse
 import os
 import sys
 
-from basics import UserError, add_device_flags, clean, in_notebook, parse_args
-from serve import HEADLINES, open_classifier
+from basics import UserError, add_device_flags, clean, frees_on_stop, in_notebook, parse_args
+from predict import open_classifier
+from serve import HEADLINES
 
 EXAMPLES = HEADLINES[:5]
 
@@ -91,6 +92,7 @@ def describe(ckpt_path, info):
             f"Topics: {', '.join(info['class_names'])}.")
 
 
+@frees_on_stop
 def main(argv=None):
     """-> the running gradio app; a notebook cell gets it back at once (demo.close() stops it),
     a shell waits until Ctrl-C."""

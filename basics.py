@@ -1,12 +1,13 @@
 """What the scripts share that needs neither torch nor transformers: user errors, flag helpers,
 reading UTF-8 text, the text clean-up and file modes. The ONNX serving path (serve.py; predict.py
-and app.py given an export folder) imports only this, so it runs where torch is not installed.
-common.py and data.py re-export these names."""
+and app.py given an export folder) imports only this, so it runs where torch is not installed."""
 import argparse
+import functools
 import html
 import os
 import re
 import sys
+import traceback
 
 
 class UserError(SystemExit):
@@ -23,6 +24,35 @@ def in_notebook():
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython else None
     return getattr(shell, "kernel", None) is not None
+
+
+def frees_on_stop(main):
+    """A script's main(argv), made to let go of its memory when a UserError or a stop (Ctrl-C, a
+    notebook's stop button) ends it: see release_frames (common.StopSignals does the same for
+    train.run())."""
+    @functools.wraps(main)
+    def entry_point(argv=None):
+        try:
+            return main(argv)
+        except (UserError, KeyboardInterrupt) as err:
+            release_frames(err)
+            raise
+    return entry_point
+
+
+def release_frames(err):
+    """Clear the locals of the finished frames err passed through, and of those it was raised from
+    or while handling. A notebook keeps the exception that ended a cell in sys.last_traceback, and
+    with it those frames: the model on the GPU, the optimizer, the data, until the next error. A
+    UserError's one line or a stop's message needs none of them; a bug's traceback, which %debug
+    reads, is left alone."""
+    chain, seen = [err], set()
+    while chain:
+        link = chain.pop()
+        if link is not None and id(link) not in seen:
+            seen.add(id(link))
+            traceback.clear_frames(link.__traceback__)  # a frame still running is skipped
+            chain += [link.__cause__, link.__context__]
 
 
 def check_format(state, path, kind, expected, again):

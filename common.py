@@ -1,8 +1,6 @@
-"""Plumbing the scripts share: user errors, flag types, the device and mixed-precision choice,
-stop signals, train.py's progress log, atomic writes and the environment record. Nothing here
-knows about AG News or the model."""
-import json
-import math
+"""Plumbing the scripts share that needs torch: stop signals, the device and mixed-precision
+choice, the environment record, the reports folder and atomic writes (user errors and flag types,
+which need no torch, are basics.py's). Nothing here knows about AG News or the model."""
 import os
 import platform
 import signal
@@ -10,22 +8,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from basics import (  # noqa: F401 (re-exported: the scripts import them from here)
-    UserError,
-    add_device_flags,
-    in_notebook,
-    non_negative,
-    parse_args,
-    positive,
-    respect_umask,
-)
+from basics import UserError, release_frames, respect_umask
 
 
 class Stopped(KeyboardInterrupt):
@@ -47,7 +35,8 @@ class StopSignals:
     "training" they only set stop.signum: train.py finishes the step in flight, saves it and stops
     (a second signal changes nothing, a third stops at once: checkpoints are written atomically,
     so the previous last.pt stays intact). Otherwise they raise Stopped at once. The previous
-    handlers come back on exit."""
+    handlers come back on exit; a stop or a UserError that ends the block lets go of the frames it
+    passed through (basics.release_frames: in a notebook, run()'s model on the GPU)."""
 
     def __enter__(self):
         self.phase, self.signum, self.count, self.previous = "setup", None, 0, {}
@@ -64,9 +53,11 @@ class StopSignals:
               "twice more: at once)" if self.count == 1 else "still stopping..."),
               file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, kind, err, traceback):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+        if isinstance(err, (UserError, KeyboardInterrupt)):
+            release_frames(err)
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -105,6 +96,13 @@ def pick_amp_dtype(device, amp, amp_dtype="auto"):
     print("note: this CPU has no native bf16 (AVX512-BF16 or AMX); --amp-dtype bf16 is emulated "
           "and likely slower than fp32.")
     return torch.bfloat16
+
+
+def pick_device_and_amp_dtype(device="auto", amp=False, amp_dtype="auto"):
+    """The --device, --amp and --amp-dtype flags of the scripts that load a checkpoint (evaluate.py,
+    visualize.py, predict.py, app.py) -> (torch.device, autocast dtype or None)."""
+    device = pick_device(device)
+    return device, pick_amp_dtype(device, amp, amp_dtype)
 
 
 def cpu_has_native_bf16():
@@ -159,108 +157,6 @@ def environment(device, amp_dtype):
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
     return env
-
-
-# ------------------------------------------------------------------------------------------ logs
-class TrainingLog:
-    """train.py's progress: the bar, and every --log-every steps one line (loss, lr, throughput
-    of all processes) on the terminal and in metrics.jsonl, which a resumed run cuts back to its
-    last.pt; the NaN check; the slow-CPU warning. Rank 0 alone writes. It makes no collective
-    call: train.run() sums the loss over the processes and hands it to line()."""
-
-    def __init__(self, path, first_step, total_steps, train_lengths, device, fp16, writes):
-        self.path, self.writes, self.fp16, self.device = path, writes, fp16, device
-        if writes:  # a resumed run writes again what a killed one logged after its last.pt
-            records = [json.loads(line) for line in
-                       (path.read_text().splitlines() if first_step and path.is_file() else [])]
-            path.write_text("".join(json.dumps(r) + "\n" for r in records
-                                    if r.get("split") != "test" and r["step"] <= first_step))
-        self.bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step",
-                        dynamic_ncols=True, disable=not writes)
-        self.first_step, self.total_steps, self.lengths = first_step, total_steps, train_lengths
-        # Summed on the device and read (a sync) only at a log line: this process's loss, and the
-        # steps whose gradient norm was NaN/Inf. With fp16 those are overflows the GradScaler
-        # skipped (counted, their loss left out); in fp32 or bf16 they stop the run.
-        self.step_loss = torch.zeros((), device=device)
-        self.loss_sum = torch.zeros((), device=device)
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-        self.steps = self.samples = self.tokens = 0
-        self.restart_clock()
-
-    def micro_batch(self, loss):
-        self.step_loss += loss.detach()
-
-    def step(self, step, grad_norm, micro_batches):
-        overflow = ~torch.isfinite(grad_norm)  # the same on every process: gradients are averaged
-        self.nonfinite += overflow
-        self.loss_sum += torch.where(overflow, 0.0, self.step_loss) if self.fp16 else self.step_loss
-        self.step_loss.zero_()
-        rows = [i for m in micro_batches for i in m]  # of all processes
-        self.steps, self.samples = self.steps + 1, self.samples + len(rows)
-        self.tokens += sum(self.lengths[i] for i in rows)
-        self.bar.update()
-        if step == self.first_step + 1:
-            self.warm = time.perf_counter()  # the first step pays for warm-up: time from its end
-        elif step == self.first_step + 6 and self.device.type == "cpu":
-            warn_if_slow((time.perf_counter() - self.warm) / 5, self.total_steps - step)
-
-    def check_finite(self, step):
-        """-> the steps the GradScaler skipped (fp16). In fp32 or bf16, a NaN/Inf loss or
-        gradient stops the run before it reaches a checkpoint. A NaN on one process reaches every
-        process's gradients, so each comes to the same verdict on its own."""
-        loss_sum, nonfinite = self.loss_sum.item(), self.nonfinite.item()
-        if self.fp16:
-            return nonfinite
-        if not math.isfinite(loss_sum) or nonfinite:
-            value = loss_sum if not math.isfinite(loss_sum) else "nan or inf"
-            raise UserError(f"the training loss or gradients became {value} by step {step}; "
-                            f"stopping. The last good checkpoints in {self.path.parent} are "
-                            f"kept. Try a lower --lr.")
-        return 0
-
-    def line(self, epoch, step, lr, loss_sum):
-        """loss_sum: the steps' summed loss, of all processes."""
-        skipped = self.check_finite(step)
-        loss = loss_sum.item() / (self.steps - skipped) if self.steps > skipped else math.nan
-        seconds = time.perf_counter() - self.start  # after the sync above: the work is done
-        samples_per_s = self.samples / seconds
-        self.write({"type": "train", "epoch": epoch + 1, "step": step, "loss": loss, "lr": lr,
-                    "samples_per_s": samples_per_s, "tokens_per_s": self.tokens / seconds,
-                    "window_s": seconds, **({"skipped_steps": skipped} if self.fp16 else {})})
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
-        tqdm.write(f"epoch {epoch + 1} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
-                   f"{samples_per_s:.1f} samples/s"
-                   + (f" ({skipped} fp16 overflows skipped)" if skipped else ""))
-        self.loss_sum.zero_()
-        self.nonfinite.zero_()
-        self.steps = self.samples = self.tokens = 0
-        self.restart_clock()
-
-    def evaluation(self, split, step, metrics, epoch=None):
-        where = {} if epoch is None else {"epoch": epoch + 1}
-        self.write({"type": "eval", "split": split, **where, "step": step, **metrics})
-        tqdm.write(f"{split}: loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f} "
-                   f"macro-F1 {metrics['macro_f1']:.4f}")
-
-    def restart_clock(self):
-        self.start = time.perf_counter()
-
-    def write(self, record):
-        if self.writes:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def close(self):
-        self.bar.close()
-
-
-def warn_if_slow(seconds_per_step, steps_left):
-    hours = seconds_per_step * steps_left / 3600
-    if hours >= 1:
-        tqdm.write(f"warning: on this CPU the run will take about {hours:.1f} hours. For a quick "
-                   f"run, use --max-train-samples 5000, a smaller --model (e.g. a MiniLM or "
-                   f"DistilBERT folder), --amp if not set, or a GPU (Colab: Runtime > Change "
-                   f"runtime type > GPU).")
 
 
 # ------------------------------------------------------------------------------------------ files

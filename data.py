@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from basics import clean, clean_text, decode_utf8  # noqa: F401 (clean_text: re-exported)
-from common import UserError, atomic_save, positive, respect_umask
+from basics import UserError, clean, decode_utf8, positive, respect_umask
+from common import atomic_save
 
 DEFAULT_DATA_DIR = "data/ag_news"  # the only folder AG News is downloaded into
 DEFAULT_CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
-# torchtext's AG_NEWS source; md5 of the exact files (see README, "Data").
+# torchtext's AG_NEWS source; md5 of the exact files, checked after each download (the test file's
+# is also in data/ag_news_small/README.md, with the dataset's origin and terms).
 DOWNLOAD_URL = ("https://raw.githubusercontent.com/mhjabreel/CharCnn_Keras/master/data/ag_news_csv/"
                 "{name}")
 MD5 = {"train.csv": "b1a00f826fdfbd249f79597b59e1dc12",
@@ -54,7 +55,7 @@ def _is_header(row):
 
 def read_csv(path, num_classes=4, how="agnews"):
     """Read one CSV in AG News's layout -> (texts, labels 0..num_classes-1), each text its title
-    and description cleaned (data.clean). Errors name the file and line."""
+    and description cleaned (basics.clean). Errors name the file and line."""
     path = Path(path)
     text = read_text(path)
     texts, labels, dropped = [], [], 0
@@ -91,7 +92,7 @@ def read_csv(path, num_classes=4, how="agnews"):
 
 def read_table(path, text_columns, label_column, how):
     """Read a CSV (or, by its .tsv extension, a TSV) with a header row -> (texts, labels as
-    strings, line numbers). A text is its text columns cleaned (data.clean) and joined with a
+    strings, line numbers). A text is its text columns cleaned (basics.clean) and joined with a
     space; a row whose text columns are all empty is dropped and counted."""
     import pandas as pd
 

@@ -13,20 +13,24 @@ broadcast_*. train.run() makes each of them itself, where a reader sees it.
 """
 import os
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from common import UserError, pick_device
+from basics import UserError
+from common import pick_device
 
 _flags_group = None  # gloo: all_max (the per-step stop flag) runs on the CPU
+_setup_group = None  # gloo, with a timeout that fits rank 0's downloads: rank_zero_first's barrier
+SETUP_TIMEOUT_MINUTES = 60  # bert-large (1.3 GB) at 1 MB/s takes 22; NCCL's own timeout is 10
 
 
 def init(device_flag):
     """-> (rank, world_size, device). Under torchrun: joins the process group, one GPU per
     LOCAL_RANK (nccl), or the CPU (gloo) with --device cpu or on a machine without GPUs."""
-    global _flags_group
+    global _flags_group, _setup_group
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_flag)
     if device_flag not in ("auto", "cuda", "cpu"):
@@ -41,7 +45,20 @@ def init(device_flag):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     _flags_group = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
+    _setup_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=setup_timeout()))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def setup_timeout():
+    """Minutes the other processes wait for rank 0's set-up: AGNEWS_SETUP_TIMEOUT_MINUTES, or 60."""
+    text = os.environ.get("AGNEWS_SETUP_TIMEOUT_MINUTES", str(SETUP_TIMEOUT_MINUTES))
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = 0
+    if not minutes > 0:
+        raise UserError(f"AGNEWS_SETUP_TIMEOUT_MINUTES={text}: not a number of minutes > 0")
+    return minutes
 
 
 def finish():
@@ -67,12 +84,22 @@ def sync_unless(train_model, last_micro_batch):
 @contextmanager
 def rank_zero_first():
     """Collective (a barrier). Rank 0 runs the block first (a download, a tokenizer cache) and
-    the others then find it done."""
+    the others then find it done. They wait on gloo, for setup_timeout() minutes (a download on a
+    slow link takes longer than NCCL's 10), then stop with one line that says so."""
     if dist.is_initialized() and dist.get_rank() != 0:
-        dist.barrier()
+        try:
+            dist.barrier(group=_setup_group)
+        except RuntimeError as err:  # gloo's "Timed out waiting ...", or rank 0 is gone
+            if "timed out" not in str(err).lower():
+                raise UserError(f"rank {dist.get_rank()}: rank 0 ended during the set-up (its "
+                                f"error says why)") from None
+            raise UserError(f"rank {dist.get_rank()} waited {setup_timeout():g} minutes for rank "
+                            f"0 to read the data and load --model; if it is downloading them, "
+                            f"set AGNEWS_SETUP_TIMEOUT_MINUTES to wait longer (the default is "
+                            f"{SETUP_TIMEOUT_MINUTES})") from None
     yield
     if dist.is_initialized() and dist.get_rank() == 0:
-        dist.barrier()
+        dist.barrier(group=_setup_group)
 
 
 @contextmanager

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from common import add_device_flags, environment, parse_args, positive, reports_dir
+from basics import add_device_flags, frees_on_stop, parse_args, positive
+from common import environment, pick_device_and_amp_dtype, reports_dir
 from data import load_checkpoint_split, tokenize
 from model import (
     evaluate_model,
     expected_calibration_error,
-    load_trained,
+    load_trained_model,
     reliability_bins,
 )
 
@@ -185,10 +186,11 @@ def print_summary(result, report_text, errors, path):
               f"predicted {r['predicted']}: {r['text'][:100]}")
 
 
+@frees_on_stop
 def main(argv=None):
     args = parse_args(build_parser(), argv)
-    model, tokenizer, ckpt, device, amp_dtype = load_trained(args.ckpt, args.device, args.amp,
-                                                             args.amp_dtype)
+    device, amp_dtype = pick_device_and_amp_dtype(args.device, args.amp, args.amp_dtype)
+    model, tokenizer, ckpt = load_trained_model(args.ckpt, device)
     data_dir, (texts, labels) = load_checkpoint_split(ckpt, args.data_dir, args.split)
     out_dir, class_names = reports_dir(args.output_dir, args.ckpt), ckpt["class_names"]
 

@@ -60,9 +60,9 @@ def main(argv=None):
     import_exporter()  # fail in a second, not after loading the model
     from tokenizers import Tokenizer
 
-    from model import infer, load_model, require_temperature
+    from model import infer, load_trained_model, require_temperature
 
-    model, tokenizer, ckpt = load_model(args.ckpt)  # fp32, eval mode: dropout off
+    model, tokenizer, ckpt = load_trained_model(args.ckpt)  # fp32, eval mode: dropout off
     temperature = require_temperature(ckpt, args.ckpt)
     val = validation_split(ckpt, args)
     if args.int8 and val is None:

@@ -1,14 +1,15 @@
-"""The classifier (a pretrained encoder + our dropout and linear head), the one evaluation function,
-and the one checkpoint format.
+"""The classifier (a pretrained encoder + our dropout and linear head; its embedding is the first
+token's, [CLS]) and the bare pretrained encoder, mean-pooled (visualize.py's "before" panel): all
+the pooling there is. Then the one evaluation function, and the one checkpoint format.
 
 A checkpoint is a plain dict loadable with torch.load(..., weights_only=True). best.pt:
-    {"format": 2, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
-     "class_names": [str], "max_length": int, "clean": "agnews" | "none" (data.clean),
+    {"format": 3, "model": state_dict, "encoder_config": dict, "tokenizer_files": {name: bytes},
+     "class_names": [str], "max_length": int, "clean": "agnews" | "none" (basics.clean),
      "config": {train.py flag: value},
      "precision": "fp32" | "bf16" | "fp16", "world_size": int (processes),
-     "position": {"epoch": int (0-based, the epoch of the last step), "batch": int (steps done in
-                  that epoch), "step": int (steps done in all), "best_val_accuracy": float,
-                  "evals_since_best": int},
+     "position": {"epoch": int (0-based, the epoch of the last step), "step_in_epoch": int
+                  (steps done in that epoch), "step": int (steps done in all),
+                  "best_val_accuracy": float, "evals_since_best": int},
      "temperature": float (probabilities are softmax(logits / temperature); fitted on the
                     validation split when the run ends, so a run stopped early has none yet)}
 last.pt, written by train.save_last for --resume, adds "fingerprint" (what a resumed run must
@@ -17,7 +18,6 @@ process's random state, in rank order).
 """
 import json
 import math
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,19 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from basics import check_format, clean_texts
+from basics import UserError, check_format, clean_texts
 from common import (
-    UserError,
     atomic_save,
     autocast,
     pad_multiple,
-    pick_amp_dtype,
-    pick_device,
+    pick_device_and_amp_dtype,
     to_device,
 )
 from data import batch_order, collate, tokenize
 
-CHECKPOINT_FORMAT = 2  # raised whenever the format changes: there is no converter
+CHECKPOINT_FORMAT = 3  # raised whenever the format changes: there is no converter
 
 
 class TopicClassifier(nn.Module):
@@ -64,9 +62,26 @@ class TopicClassifier(nn.Module):
         return self.head(self.dropout(self.embed(input_ids, attention_mask)))
 
 
-def load_pretrained(name, max_length=None):
-    """Encoder and tokenizer from a hub name or a local folder; a clear error if that fails, or if
-    the encoder takes fewer than max_length tokens."""
+class MeanPooled(nn.Module):
+    """A bare pretrained encoder as a sentence embedder: the mean of its last hidden states over the
+    real tokens. Before fine-tuning the [CLS] state has never been trained to summarise the text;
+    the mean is the usual baseline (and is how all-MiniLM-L6-v2 was trained to be used)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def embed(self, input_ids, attention_mask):
+        # (B, T, H)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
+
+
+def load_pretrained_encoder(name, max_length=None):
+    """What a run starts from (train.py's --model): the pretrained encoder and its tokenizer, from
+    a hub name or a local folder; a clear error if that fails, or if the encoder takes fewer than
+    max_length tokens."""
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -214,38 +229,12 @@ def save_checkpoint(state, path):
     atomic_save(state, path)  # never a half-written best.pt or last.pt, even on a kill mid-write
 
 
-def prepare_output_dir(out_dir, args):
-    """Fail before any training if the outputs could not be written or would clobber another run."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as err:
-        raise UserError(f"--output-dir {out_dir}: not writable ({err})") from None
-    for stale in out_dir.glob(".*.pt.*.tmp"):  # a run killed mid-write left it
-        stale.unlink()
-    if args.resume and not (out_dir / "last.pt").is_file():
-        raise UserError(f"--resume: no last.pt in --output-dir {out_dir} to resume from")
-    existing = [name for name in ("best.pt", "last.pt") if (out_dir / name).exists()]
-    if existing and not args.resume and not args.overwrite:
-        raise UserError(f"--output-dir {out_dir} already holds {' and '.join(existing)} from "
-                        f"another run. Pass --resume to continue that run, --overwrite to replace "
-                        f"it, or another --output-dir.")
-
-
-def check_room(out_dir, model):
-    # last.pt: the weights and AdamW's two moments (all fp32); best.pt: the weights; a temp copy of
-    # last.pt while it is written.
-    need = sum(p.numel() for p in model.parameters()) * 4 * (3 + 1 + 3)
-    free = shutil.disk_usage(out_dir).free
-    if free < need:
-        raise UserError(f"--output-dir {out_dir}: {free / 2**20:,.0f} MiB free, checkpoints need "
-                        f"~{need / 2**20:,.0f} MiB")
-
-
-def read_checkpoint(path):
+def read_checkpoint(path, flag="--ckpt"):
+    """A checkpoint of this format, as a dict; else one line naming the file (and the flag that
+    named it: None for the files train.py finds in its --output-dir)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--ckpt {path}: file not found")
+        raise UserError(f"{flag + ' ' if flag else ''}{path}: file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (a truncated file, a pickle with code, not torch's)
@@ -266,8 +255,9 @@ def require_temperature(state, path):
     return state["temperature"]
 
 
-def load_model(path, device="cpu"):
-    """best.pt (or last.pt) -> (model in eval mode, tokenizer, checkpoint dict). No hub needed."""
+def load_trained_model(path, device="cpu"):
+    """What a run ends with: best.pt (or last.pt) -> (the TopicClassifier in eval mode, on
+    device, its tokenizer, the checkpoint dict). Offline: the checkpoint holds all of it."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     state = read_checkpoint(path)
@@ -282,22 +272,14 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), tokenizer, state
 
 
-def load_trained(path, device="auto", amp=False, amp_dtype="auto"):
-    """What evaluate.py, visualize.py and predict.py start from: the --device, --amp and
-    --amp-dtype flags resolved and the checkpoint loaded -> (model, tokenizer, checkpoint dict,
-    device, amp_dtype)."""
-    device = pick_device(device)
-    amp_dtype = pick_amp_dtype(device, amp, amp_dtype)
-    return *load_model(path, device), device, amp_dtype
-
-
 def load_classifier(path, device="auto", amp=False, amp_dtype="auto"):
     """best.pt -> (classify, info): classify(texts, batch_size=64) -> (N, C) class probabilities,
     softmax(logits / the checkpoint's temperature), rows in input order, the texts cleaned and
     truncated as in training. info: the checkpoint's class_names, max_length, clean, temperature,
-    config, position and encoder_config. predict.py and app.py share it (serve.py is its ONNX
-    twin)."""
-    model, tokenizer, state, device, amp_dtype = load_trained(path, device, amp, amp_dtype)
+    config, position and encoder_config. predict.py and app.py share it (serve.load_export is its
+    ONNX twin; predict.open_classifier picks one)."""
+    device, amp_dtype = pick_device_and_amp_dtype(device, amp, amp_dtype)
+    model, tokenizer, state = load_trained_model(path, device)
     require_temperature(state, path)
     # Keep the small entries only: the weights (and last.pt's optimizer) would be a second copy.
     info = {k: state[k] for k in ("class_names", "max_length", "clean", "temperature", "config",

@@ -9,8 +9,9 @@ Works offline from best.pt alone: the tokenizer and the encoder's config are sto
 Texts are cleaned as in training (basics.clean, as the checkpoint says) and run in batches,
 longest first, with --amp under autocast. The probabilities are calibrated: softmax(logits / the
 temperature train.py fitted). model.load_classifier is the one torch inference path, serve.py its
-ONNX Runtime twin for an export folder; both are shared with the web page (app.py). This file
-imports neither torch nor transformers until --ckpt turns out to be a .pt file.
+ONNX Runtime twin for an export folder; open_classifier picks one by --ckpt, for this file and the
+web page (app.py) alike. This file imports neither torch nor transformers until --ckpt turns out
+to be a .pt file.
 """
 import argparse
 import csv
@@ -19,8 +20,8 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from basics import UserError, add_device_flags, decode_utf8, parse_args, positive
-from serve import open_classifier
+from basics import UserError, add_device_flags, decode_utf8, frees_on_stop, parse_args, positive
+from serve import load_export
 
 
 def build_parser():
@@ -57,6 +58,27 @@ def read_texts(texts, file=None):
     return texts
 
 
+def open_classifier(path, device="auto", amp=False, amp_dtype="auto"):
+    """predict.py's and app.py's --ckpt -> (classify, info). A folder is an export: ONNX Runtime
+    on the CPU, and neither torch nor transformers is imported. Anything else is a checkpoint:
+    model.load_classifier, on --device with --amp."""
+    if not Path(path).exists():
+        raise UserError(f"--ckpt {path}: not found (a best.pt written by train.py, or an export "
+                        f"folder written by export.py)")
+    if not Path(path).is_dir():
+        try:
+            from model import load_classifier
+        except ImportError:  # a serving install (requirements-serve.txt): no torch
+            raise UserError(f"--ckpt {path}: a checkpoint needs PyTorch and transformers (pip "
+                            f"install -r requirements.txt); an export folder does not") from None
+        return load_classifier(path, device, amp, amp_dtype)
+    flags = [f"--device {device}"] * (device not in ("auto", "cpu")) + ["--amp"] * bool(amp)
+    if flags:
+        raise UserError(f"--ckpt {path} is an export folder: it runs on the CPU, in the precision "
+                        f"it was exported in; drop {' and '.join(flags)}")
+    return load_export(path)
+
+
 def to_rows(texts, probs, class_names):
     return [{"text": text, "label": class_names[int(p.argmax())],
              "probabilities": {name: round(float(x), 6) for name, x in zip(class_names, p)}}
@@ -85,6 +107,7 @@ def write_rows(rows, class_names, fmt, out=None):
                       + f"  {text}\n")
 
 
+@frees_on_stop
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     texts = read_texts(args.texts, args.file)

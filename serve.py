@@ -2,7 +2,6 @@
 
     classify, info = load_export("export/")      # what model.load_classifier gives for best.pt
     classify(["Stocks rally as the Fed holds rates"])  # (N, C) numpy array of probabilities
-    classify, info = open_classifier(path)       # either: a folder here, a .pt file on torch
 
 An export folder holds model.onnx (fp32 or int8; inputs input_ids and attention_mask, (B, T)
 int64, any B and T; output logits, (B, C) fp32), tokenizer.json, and export.json: the format and
@@ -38,28 +37,6 @@ HEADLINES = [
     "Minister visits troops ahead of the election",
     "Striker signs a three-year contract with the club",
 ]
-
-
-
-def open_classifier(path, device="auto", amp=False, amp_dtype="auto"):
-    """predict.py's and app.py's --ckpt -> (classify, info). A folder is an export: ONNX Runtime
-    on the CPU, and neither torch nor transformers is imported. Anything else is a checkpoint:
-    model.load_classifier, on --device with --amp."""
-    if not Path(path).exists():
-        raise UserError(f"--ckpt {path}: not found (a best.pt written by train.py, or an export "
-                        f"folder written by export.py)")
-    if not Path(path).is_dir():
-        try:
-            from model import load_classifier
-        except ImportError:  # a serving install (requirements-serve.txt): no torch
-            raise UserError(f"--ckpt {path}: a checkpoint needs PyTorch and transformers (pip "
-                            f"install -r requirements.txt); an export folder does not") from None
-        return load_classifier(path, device, amp, amp_dtype)
-    flags = [f"--device {device}"] * (device not in ("auto", "cpu")) + ["--amp"] * bool(amp)
-    if flags:
-        raise UserError(f"--ckpt {path} is an export folder: it runs on the CPU, in the precision "
-                        f"it was exported in; drop {' and '.join(flags)}")
-    return load_export(path)
 
 
 def load_export(folder, threads=None):

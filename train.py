@@ -7,8 +7,8 @@
     torchrun --standalone --nproc_per_node 2 train.py --epochs 3 --amp  # 2 GPUs: distributed.py
 
 run() reads top to bottom: setup, data, model and optimizer, resume, the loop, the final test. The
-helpers follow in the order it uses them. Ctrl-C, a notebook's stop button and SIGTERM stop it
-after the step in flight, with last.pt saved.
+helpers follow main() and run() in the order those use them. Ctrl-C, a notebook's stop button
+and SIGTERM stop it after the step in flight, with last.pt saved.
 """
 import argparse
 import json
@@ -24,20 +24,14 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import distributed
+from basics import UserError, add_device_flags, in_notebook, non_negative, parse_args, positive
 from common import (
     Stopped,
     StopSignals,
-    TrainingLog,
-    UserError,
-    add_device_flags,
     autocast,
     environment,
-    in_notebook,
-    non_negative,
     pad_multiple,
-    parse_args,
     pick_amp_dtype,
-    positive,
     precision_name,
     to_device,
 )
@@ -45,23 +39,23 @@ from cpu_speed import speed_up_cpu_training
 from data import add_data_flags, collate, file_md5, load_splits, step_batches, tokenize_cached
 from model import (
     TopicClassifier,
-    check_room,
     evaluate_model,
     fit_temperature,
-    load_pretrained,
+    load_pretrained_encoder,
     make_checkpoint,
-    prepare_output_dir,
     read_checkpoint,
     save_checkpoint,
     tokenizer_files,
 )
+from train_log import TrainingLog, check_room, prepare_output_dir
 
 
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     rank, world, device = distributed.init(args.device)  # torchrun's process, or the only one
     try:
-        # Ctrl-C, the stop button, SIGTERM: see common.py. Under torchrun rank 0 alone prints.
+        # Ctrl-C, the stop button, SIGTERM; a stop or an error lets go of run()'s memory: see
+        # common.py. Under torchrun rank 0 alone prints.
         with StopSignals() as stop, distributed.print_on_rank_zero():
             try:
                 return run(args, stop, rank, world, device)
@@ -89,7 +83,7 @@ def run(args, stop, rank, world, device):
     # ---- data: read, clean, split, tokenize once (each batch is padded to its longest row later)
     with distributed.rank_zero_first():  # collective: one download, one tokenizer cache
         splits = load_splits(vars(args))  # class names; (texts, label ids) of train, val, test
-        encoder, tokenizer = load_pretrained(args.model, args.max_length)
+        encoder, tokenizer = load_pretrained_encoder(args.model, args.max_length)
         cache = Path(args.cache_dir).expanduser()
         token_ids = {name: tokenize_cached(tokenizer, splits[name][0], args.max_length, cache)
                      for name in ("train", "val", "test")}
@@ -129,7 +123,8 @@ def run(args, stop, rank, world, device):
                 "max_length": args.max_length, "config": vars(args), "clean": splits["clean"],
                 "precision": precision_name(amp_dtype), "world_size": world}
     this_run = fingerprint(args, world, steps_per_epoch, amp_dtype, splits)
-    at = {"epoch": 0, "batch": 0, "step": 0, "best_val_accuracy": -1.0, "evals_since_best": 0}
+    at = {"epoch": 0, "step_in_epoch": 0, "step": 0, "best_val_accuracy": -1.0,
+          "evals_since_best": 0}
     if args.resume:
         at = load_last(out_dir / "last.pt", this_run, model, training, rank, world)
     if rank == 0:
@@ -150,7 +145,7 @@ def run(args, stop, rank, world, device):
     model.train()
     stop.phase = "training"  # from here a stop waits for the step in flight, then saves it
     out_of_patience = bool(args.patience) and at["evals_since_best"] >= args.patience
-    for epoch, batch, step, micro_batches in training_steps(plan, args.epochs, at):
+    for epoch, step_in_epoch, step, micro_batches in training_steps(plan, args.epochs, at):
         if out_of_patience:  # in this run, or in the one resumed
             break
         step_rows = sum(len(rows) for rows in micro_batches)  # of all processes
@@ -173,7 +168,7 @@ def run(args, stop, rank, world, device):
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]  # the LR this step used
         scheduler.step()  # every step, skipped or not, so the schedule ends at total_steps
-        at.update(epoch=epoch, batch=batch, step=step)
+        at.update(epoch=epoch, step_in_epoch=step_in_epoch, step=step)
         log.step(step, grad_norm, micro_batches)
         if step in log_steps:  # collective: the loss summed over the processes
             log.line(epoch, step, lr, distributed.all_sum(log.loss_sum.clone()) / world)
@@ -203,7 +198,7 @@ def run(args, stop, rank, world, device):
         return None
 
     # ---- final report: the best checkpoint on the held-out test set
-    best = read_checkpoint(out_dir / "best.pt")
+    best = read_checkpoint(out_dir / "best.pt", flag=None)
     model.load_state_dict(best["model"])
     # calibrated probabilities: one temperature, fitted on the validation logits (never the test's)
     if "temperature" not in best:  # a finished run resumed again keeps its own
@@ -268,34 +263,40 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr, fused=True)
 
 
-# ------------------------------------------------------------------------------------ last.pt
-# Flags a resumed run may change: where it writes and logs, how it evaluates, the device, and how
-# it spells the global batch and the precision (the fingerprint holds what they resolve to).
+# ------------------------------------------------------------------------------------ resume
+# Flags a resumed run may change: where it writes, logs and caches, how it evaluates, the device,
+# and how it names its data, global batch and precision: the fingerprint holds what those are (the
+# train file's md5 and classes, the batch in rows, the resolved precision).
 RESUME_FREE = {"output_dir", "resume", "overwrite", "log_every", "save_every", "eval_batch_size",
-               "cache_dir", "device", "amp", "amp_dtype", "batch_size", "grad_accum_steps"}
+               "cache_dir", "device", "data_dir", "amp", "amp_dtype", "batch_size",
+               "grad_accum_steps"}
 
 
 def fingerprint(args, world, steps_per_epoch, amp_dtype, splits):
     """What a resumed run must share with the saved one, key by key: every flag that changes the
-    weights or the batches, the global batch in rows, the steps per epoch (with another number of
-    processes the epoch's last rows may split into another number), the data (the train file, the
-    classes and where the test rows come from) and the precision (--amp: fp16 on a T4, bf16 on an
-    A100)."""
-    flags = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in RESUME_FREE}
-    return {**flags, "global batch (rows)": args.batch_size * world * args.grad_accum_steps,
-            "steps per epoch": steps_per_epoch, "train file md5": file_md5(splits["train_file"]),
-            "classes": splits["class_names"], "test split": splits["test_from"],
-            "precision": precision_name(amp_dtype)}
+    weights or the batches, the global batch in rows, the steps per epoch (another number of
+    processes may split the epoch's last rows into another number), the data (the train file's
+    md5, the classes, where the test rows come from) and the precision (--amp: fp16 on a T4)."""
+    rows = args.batch_size * world * args.grad_accum_steps
+    return {**flag_values(args), "global batch (rows)": rows, "steps per epoch": steps_per_epoch,
+            "train file md5": file_md5(splits["train_file"]), "classes": splits["class_names"],
+            "test split": splits["test_from"], "precision": precision_name(amp_dtype)}
+
+
+def flag_values(args):
+    """The fingerprint's flags, by name (--lr): all but those a resumed run may change."""
+    return {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in RESUME_FREE}
 
 
 def load_last(path, run_fingerprint, model, training, rank, world):
     """last.pt into the model, the optimizer, scheduler and scaler, and this process's random
     state -> its position; or one refusal listing each difference of the fingerprints."""
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, flag=None)
     if "fingerprint" not in state:
         raise UserError(f"--resume: {path} holds no run fingerprint (is it a copy of best.pt?), "
                         f"so nothing says this run may continue it; start a new run")
-    then = state["fingerprint"]
+    # A flag added to the project since that run was saved: it ran as the flag's default does.
+    then = {**flag_values(build_parser().parse_args([])), **state["fingerprint"]}
     diffs = [f"{key}: {then.get(key)!r} then, {now!r} now"
              for key, now in run_fingerprint.items() if then.get(key) != now]
     if diffs:
@@ -316,21 +317,6 @@ def load_last(path, run_fingerprint, model, training, rank, world):
     return at
 
 
-def save_last(path, model, training, run_info, at, run_fingerprint, rngs):
-    """last.pt: a checkpoint at position `at`, plus all --resume needs to go on exactly from there.
-    training: the optimizer, scheduler and scaler by name; rngs: every process's random state."""
-    save_checkpoint(make_checkpoint(model, run_info, at, fingerprint=run_fingerprint, rng=rngs,
-                                    **{k: v.state_dict() for k, v in training.items()}), path)
-
-
-def rng_state(device):
-    """This process's random state: dropout on the GPU draws from the device's generator."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
 # ------------------------------------------------------------------------------------ the loop
 def every(n, last):
     """The steps n, 2n, ... up to last; none for n = 0."""
@@ -343,14 +329,29 @@ def training_steps(plan, epochs, at):
     step = at["step"]
     for epoch in range(at["epoch"], epochs):
         steps = plan(epoch)
-        for batch in range(at["batch"] if epoch == at["epoch"] else 0, len(steps)):
+        for done in range(at["step_in_epoch"] if epoch == at["epoch"] else 0, len(steps)):
             step += 1
-            yield epoch, batch + 1, step, steps[batch]
+            yield epoch, done + 1, step, steps[done]
 
 
 def save_best(path, model, run_info, at):
     save_checkpoint(make_checkpoint(model, run_info, at), path)
     tqdm.write(f"saved {path} (val accuracy {at['best_val_accuracy']:.4f})")
+
+
+def rng_state(device):
+    """This process's random state: dropout on the GPU draws from the device's generator."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_last(path, model, training, run_info, at, run_fingerprint, rngs):
+    """last.pt: a checkpoint at position `at`, plus all --resume needs to go on exactly from there.
+    training: the optimizer, scheduler and scaler by name; rngs: every process's random state."""
+    save_checkpoint(make_checkpoint(model, run_info, at, fingerprint=run_fingerprint, rng=rngs,
+                                    **{k: v.state_dict() for k, v in training.items()}), path)
 
 
 def stop_message(stopped, phase, out_dir, argv, world):

@@ -6,10 +6,10 @@ curves.
     main(["--ckpt", "runs/best.pt", "--num-samples", "500"])  # the same from a notebook cell
 
 "before": the pretrained encoder the run started from (the checkpoint's config["model"]),
-mean-pooled over the real tokens. "after": the fine-tuned embedding the classification head reads
-(model.embed). Both panels show the same points with the same seed, and are titled with the
-silhouette score and the 10-NN accuracy (5-fold cross-validation), both computed on the full
-embeddings (cosine), not on the 2-D map, which distorts distances.
+mean-pooled over the real tokens (model.MeanPooled). "after": the fine-tuned embedding the
+classification head reads (model.embed). Both panels show the same points with the same seed, and
+are titled with the silhouette score and the 10-NN accuracy (5-fold cross-validation), both
+computed on the full embeddings (cosine), not on the 2-D map, which distorts distances.
 Writes to --output-dir (default: the checkpoint's folder): embeddings_{split}.png and .json (.npz
 with --save-embeddings), and training_curves.png from the run's metrics.jsonl.
 """
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from common import UserError, add_device_flags, autocast, parse_args, positive, reports_dir
+from basics import UserError, add_device_flags, frees_on_stop, parse_args, positive
+from common import autocast, pick_device_and_amp_dtype, reports_dir
 from data import load_checkpoint_split, stratified_split, tokenize
-from model import infer, load_pretrained, load_trained
+from model import MeanPooled, infer, load_pretrained_encoder, load_trained_model
+from train_log import read_records
 
 KNN_NEIGHBOURS, KNN_FOLDS = 10, 5
 # (width, height) inches of one map; the PNG is width*panels x height
@@ -61,22 +62,6 @@ def build_parser():
 
 
 # ------------------------------------------------------------------------------------- embeddings
-class MeanPooled(nn.Module):
-    """A bare pretrained encoder as a sentence embedder: the mean of its last hidden states over the
-    real tokens. Before fine-tuning the [CLS] state has never been trained to summarise the text;
-    the mean is the usual baseline (and is how all-MiniLM-L6-v2 was trained to be used)."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def embed(self, input_ids, attention_mask):
-        # (B, T, H)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
-
-
 def sample_rows(labels, num_samples, seed, num_classes):
     """Row indices of a seeded stratified sample (all rows if the split is smaller), checked to hold
     enough points of each class for the k-NN cross-validation."""
@@ -109,7 +94,7 @@ def pretrained_embeddings(name, token_ids, pad_id, device, amp_dtype, batch_size
     """The 'before' vectors from the encoder the run started from, or None (with a note) if it can't
     be loaded: it lives outside the checkpoint, e.g. on the hub, which may be unreachable."""
     try:
-        encoder, _ = load_pretrained(name)
+        encoder, _ = load_pretrained_encoder(name)
     except UserError as err:
         print(f"note: no 'before fine-tuning' panel: the pretrained encoder {name!r} "
               f"(the checkpoint's config['model']) could not be loaded offline ({err.code}). "
@@ -224,11 +209,7 @@ def read_metrics(path):
     """metrics.jsonl -> its records; a resumed run logs some steps twice, so the later record of a
     step wins."""
     latest = {}
-    for line in Path(path).read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash mid-write
+    for record in read_records(Path(path)):  # a last line cut short by a kill is dropped
         latest[(record.get("type"), record.get("split"), record.get("step"))] = record
     return sorted(latest.values(), key=lambda r: r.get("step", 0))
 
@@ -293,10 +274,11 @@ def short_name(name):
     return "/".join(Path(name).parts[-2:])  # a hub name, or the end of a local folder's path
 
 
+@frees_on_stop
 def main(argv=None):
     args = parse_args(build_parser(), argv)
-    model, tokenizer, ckpt, device, amp_dtype = load_trained(args.ckpt, args.device, args.amp,
-                                                             args.amp_dtype)
+    device, amp_dtype = pick_device_and_amp_dtype(args.device, args.amp, args.amp_dtype)
+    model, tokenizer, ckpt = load_trained_model(args.ckpt, device)
     data_dir, (texts, labels) = load_checkpoint_split(ckpt, args.data_dir, args.split)
     out_dir, class_names = reports_dir(args.output_dir, args.ckpt), ckpt["class_names"]
     rows = sample_rows(labels, args.num_samples, args.seed, len(class_names))

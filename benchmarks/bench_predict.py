@@ -62,9 +62,9 @@ def main(argv=None):
 def compare(args, work):
     import export
     from data import load_checkpoint_split
-    from model import load_model
+    from model import load_trained_model
 
-    model, tokenizer, ckpt = load_model(args.ckpt)
+    model, tokenizer, ckpt = load_trained_model(args.ckpt)
     data_dir, (texts, labels) = load_checkpoint_split(ckpt, args.data_dir, "test")
     (work / "texts.json").write_text(json.dumps({"texts": texts, "labels": labels}))
     del model
@@ -75,7 +75,8 @@ def compare(args, work):
                                         "--overwrite", *flags,
                                         *(["--data-dir", args.data_dir] if args.data_dir else [])])
     # the serving tokenizer against transformers', on every test text
-    from serve import clean_texts, open_tokenizer
+    from basics import clean_texts
+    from serve import open_tokenizer
 
     cleaned = clean_texts(texts, ckpt["clean"])
     onnx_tokenizer = open_tokenizer(work / "fp32" / "tokenizer.json", ckpt["max_length"])
@@ -211,7 +212,8 @@ def profile(folder, texts, threads):
     """ONNX Runtime's profiler over one batch of 64 test texts of median length: ms per op type."""
     import onnxruntime as ort
 
-    from serve import clean_texts, open_tokenizer, read_manifest, run_logits
+    from basics import clean_texts
+    from serve import open_tokenizer, read_manifest, run_logits
 
     info = read_manifest(folder)
     options = ort.SessionOptions()

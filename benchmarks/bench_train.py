@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train
-from common import UserError, cpu_has_native_bf16, parse_args, pick_amp_dtype, pick_device
+from basics import UserError, parse_args
+from common import cpu_has_native_bf16, pick_amp_dtype, pick_device
 from data import load_splits, tokenize
 
 SETUPS = ["trainer_default", "trainer_best", "trainer_best_fp32", "ours_fp32", "ours_amp",

@@ -40,14 +40,14 @@ def run_variant(variant, args):
     import cpu_speed
     import train
     from data import batch_order, collate, load_splits, tokenize
-    from model import TopicClassifier, load_pretrained
+    from model import TopicClassifier, load_pretrained_encoder
 
     level = VARIANTS.index(variant)
     if level >= VARIANTS.index("+memory"):
         cpu_speed.keep_freed_memory()
     if variant == "1-thread":
         torch.set_num_threads(1)
-    encoder, tokenizer = load_pretrained(args.model)
+    encoder, tokenizer = load_pretrained_encoder(args.model)
     texts, labels = load_splits(vars(train.build_parser().parse_args(
         ["--data-dir", args.data_dir])))["train"]
     token_ids = tokenize(tokenizer, texts, 128)

@@ -10,7 +10,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import read_csv, tokenize
-from model import load_pretrained
+from model import load_pretrained_encoder
 
 
 def main(argv=None):
@@ -19,7 +19,7 @@ def main(argv=None):
     p.add_argument("--model", default="bert-base-uncased", help="its tokenizer is used")
     p.add_argument("--max-length", type=int, default=128)
     args = p.parse_args(argv)
-    _, tokenizer = load_pretrained(args.model)
+    _, tokenizer = load_pretrained_encoder(args.model)
     for name in ("train.csv", "test.csv"):
         texts, _ = read_csv(Path(args.data_dir) / name)
         lengths = np.array([len(ids) for ids in tokenize(tokenizer, texts, args.max_length)])

@@ -11,7 +11,7 @@ import pytest
 from conftest import train_tiny
 
 import app
-from common import UserError
+from basics import UserError
 from model import load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +55,16 @@ def tiny_export(tiny_ckpt, tmp_path_factory):
 
 @pytest.mark.parametrize("served", ["best.pt", "an export, without torch"])
 def test_app_serves_one_prediction_over_http(served, tiny_ckpt, tiny_export, tmp_path):
-    """The page answers over HTTP. An export is served as on a small host: app.py, serve.py and
-    basics.py alone, in a Python where `import torch` and `import transformers` fail."""
+    """The page answers over HTTP. An export is served as on a small host: app.py, predict.py,
+    serve.py and basics.py alone, in a Python where `import torch` and `import transformers`
+    fail."""
     from gradio_client import Client
 
     port, log = free_port(), tmp_path / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     script, ckpt = ROOT / "app.py", tiny_ckpt
     if served != "best.pt":
-        for name in ("app.py", "serve.py", "basics.py"):
+        for name in ("app.py", "predict.py", "serve.py", "basics.py"):
             shutil.copy(ROOT / name, tmp_path / name)
         for name in ("torch", "transformers"):
             (tmp_path / "blocked" / name).mkdir(parents=True)

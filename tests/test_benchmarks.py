@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from common import UserError
+from basics import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_train

@@ -15,7 +15,7 @@ from model import (
     expected_calibration_error,
     fit_temperature,
     load_classifier,
-    load_model,
+    load_trained_model,
     read_checkpoint,
     reliability_bins,
     save_checkpoint,
@@ -87,7 +87,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
 def test_train_py_stores_the_temperature_fitted_on_the_validation_split(tiny_run):
     run_dir, _ = tiny_run
-    model, tokenizer, state = load_model(run_dir / "best.pt")
+    model, tokenizer, state = load_trained_model(run_dir / "best.pt")
     _, (texts, labels) = load_checkpoint_split(state, None, "val")
     logits = evaluate_model(model, tokenize(tokenizer, texts, state["max_length"]), labels,
                             tokenizer.pad_token_id, torch.device("cpu"))[1]
@@ -103,7 +103,7 @@ def test_load_classifier_divides_the_logits_by_the_temperature(tiny_run, tmp_pat
     run_dir, _ = tiny_run
     state = read_checkpoint(run_dir / "best.pt")
     save_checkpoint({**state, "temperature": 3.0}, tmp_path / "best.pt")
-    model, tokenizer, _ = load_model(tmp_path / "best.pt")
+    model, tokenizer, _ = load_trained_model(tmp_path / "best.pt")
     texts = ["stocks profit market bank", "the team wins the cup"]
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():

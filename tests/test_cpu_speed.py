@@ -16,7 +16,7 @@ from torch import nn
 
 import train
 from cpu_speed import CPU_ATTENTION, CpuDropout, cpu_dropout, keep_freed_memory, use_cpu_dropout
-from model import TopicClassifier, load_model, load_pretrained
+from model import TopicClassifier, load_pretrained_encoder, load_trained_model
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -68,7 +68,7 @@ def test_cpu_dropout_follows_torch_seed_and_training_flag():
 @pytest.fixture
 def tiny_pair(tiny_model_dir):
     """The same tiny classifier twice: as loaded, and with use_cpu_dropout applied."""
-    encoder, tokenizer = load_pretrained(str(tiny_model_dir))
+    encoder, tokenizer = load_pretrained_encoder(str(tiny_model_dir))
     torch.manual_seed(0)
     reference = TopicClassifier(encoder, num_labels=4)
     fast = copy.deepcopy(reference)
@@ -190,8 +190,8 @@ def test_a_checkpoint_trained_with_the_levers_runs_with_stock_attention_elsewher
     script = textwrap.dedent("""
         import json, sys, torch
         sys.path.insert(0, sys.argv[1])
-        from model import load_model
-        model, tokenizer, _ = load_model(sys.argv[2])
+        from model import load_trained_model
+        model, tokenizer, _ = load_trained_model(sys.argv[2])
         enc = tokenizer(["the team wins the cup", "stocks fall on oil"], padding=True,
                         return_tensors="pt")
         logits = model(enc["input_ids"], enc["attention_mask"])
@@ -203,7 +203,7 @@ def test_a_checkpoint_trained_with_the_levers_runs_with_stock_attention_elsewher
                           str(tmp_path / "best.pt")], capture_output=True, text=True, check=True)
     attention, dropouts, logits = json.loads(out.stdout.strip().splitlines()[-1])
     assert attention == "sdpa" and dropouts and set(dropouts) == {"Dropout"}
-    model, tokenizer, _ = load_model(tmp_path / "best.pt")
+    model, tokenizer, _ = load_trained_model(tmp_path / "best.pt")
     use_cpu_dropout(model)  # in eval mode the levers compute exactly what the stock model does
     enc = tokenizer(["the team wins the cup", "stocks fall on oil"], padding=True,
                     return_tensors="pt")

@@ -7,8 +7,8 @@ import urllib.error
 import pytest
 
 import data
-from common import UserError
-from data import batch_order, clean_text, collate, read_csv, stratified_split, tokenize
+from basics import UserError, clean_text
+from data import batch_order, collate, read_csv, stratified_split, tokenize
 
 # Rows copied byte for byte from the original AG News test.csv (lines 2, 90, 103, 119, 217, 225,
 # 327).

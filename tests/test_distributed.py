@@ -16,7 +16,7 @@ from conftest import save_tiny_bert, tiny_args
 
 import evaluate
 import train
-from common import UserError
+from basics import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32, no dropout anywhere (the encoder's own included): a run is then a function of its rows
@@ -178,3 +178,34 @@ def test_a_stop_signal_to_one_process_stops_all_at_the_same_step(no_dropout_mode
     assert "SIGTERM: stopped at step 5" in stopped.stdout
     assert "Resume: torchrun --nproc_per_node 2 train.py" in stopped.stdout
     assert torch.load(tmp_path / "last.pt", weights_only=True)["position"]["step"] == 5
+
+
+def test_the_others_wait_for_rank_0s_download_as_long_as_set_then_say_so(no_dropout_model_dir,
+                                                                         tiny_data_dir, tmp_path,
+                                                                         monkeypatch):
+    # Rank 0 reads the data and loads --model (downloads, on a slow link) while the others wait:
+    # here it takes 60 s, and they wait 3.
+    slow = tmp_path / "slow_rank_0.py"
+    slow.write_text(f"import os, sys, time\nsys.path.insert(0, {str(ROOT)!r})\nimport train\n"
+                    "real = train.load_splits\n"
+                    "def load_splits(*args):\n"
+                    "    if os.environ['RANK'] == '0':\n"
+                    "        time.sleep(60)\n"
+                    "    return real(*args)\n"
+                    "train.load_splits = load_splits\ntrain.main(sys.argv[1:])\n")
+    monkeypatch.setenv("AGNEWS_SETUP_TIMEOUT_MINUTES", "0.05")
+    done = torchrun(tiny_args(no_dropout_model_dir, tiny_data_dir, tmp_path / "run", *FLAGS),
+                    slow, check=False)
+    assert done.returncode != 0 and not (tmp_path / "run" / "last.pt").exists()
+    assert ("error: rank 1 waited 0.05 minutes for rank 0 to read the data and load --model; "
+            "if it is downloading them, set AGNEWS_SETUP_TIMEOUT_MINUTES") in done.stderr
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5"])
+def test_a_setup_timeout_that_is_not_a_number_of_minutes_is_refused(value, monkeypatch):
+    import distributed
+
+    monkeypatch.setenv("AGNEWS_SETUP_TIMEOUT_MINUTES", value)
+    with pytest.raises(UserError, match=f"AGNEWS_SETUP_TIMEOUT_MINUTES={value}: not a number of "
+                                        f"minutes > 0"):
+        distributed.setup_timeout()

@@ -10,7 +10,7 @@ from conftest import COMMON_WORDS, SPECIAL, TOPIC_WORDS, tiny_args
 import train
 from cpu_speed import CPU_ATTENTION, use_cpu_dropout
 from data import collate, tokenize
-from model import TopicClassifier, load_pretrained
+from model import TopicClassifier, load_pretrained_encoder
 
 
 def save_tiny_distilbert(folder, dropout):
@@ -73,7 +73,7 @@ def test_other_encoders_train_two_steps(kind, levers, tiny_data_dir, tmp_path, m
     attention = models[0].encoder.config._attn_implementation
     assert (attention == CPU_ATTENTION) == levers
     trained = torch.load(tmp_path / "run/last.pt", weights_only=True)["model"]
-    start = TopicClassifier(load_pretrained(str(model_dir))[0], 4).state_dict()
+    start = TopicClassifier(load_pretrained_encoder(str(model_dir))[0], 4).state_dict()
     changed = [k for k in start
                if k.startswith("encoder.") and not torch.equal(start[k], trained[k])]
     assert len(changed) > len(start) // 2  # the encoder trained, not just the head
@@ -84,7 +84,7 @@ def test_other_encoders_train_two_steps(kind, levers, tiny_data_dir, tmp_path, m
 def test_the_head_reads_the_first_token_and_padding_is_masked(kind, levers, tmp_path):
     (tmp_path / kind).mkdir()
     # Dropout of 1e-9 keeps every value, and still takes the training path of the attention
-    encoder, tokenizer = load_pretrained(str(SAVERS[kind](tmp_path / kind, dropout=1e-9)))
+    encoder, tokenizer = load_pretrained_encoder(str(SAVERS[kind](tmp_path / kind, dropout=1e-9)))
     model = TopicClassifier(encoder, 4, dropout=0.0)
     if levers:
         use_cpu_dropout(model)

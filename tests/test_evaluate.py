@@ -15,9 +15,14 @@ from sklearn.metrics import (
 )
 
 import evaluate
-from common import UserError
+from basics import UserError
 from data import load_checkpoint_split, tokenize
-from model import classification_metrics, evaluate_model, expected_calibration_error, load_model
+from model import (
+    classification_metrics,
+    evaluate_model,
+    expected_calibration_error,
+    load_trained_model,
+)
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -78,7 +83,7 @@ def test_calibration_before_and_after_the_temperature_and_the_reliability_diagra
     run_dir, _ = tiny_run
     result = evaluate.main(["--ckpt", run_dir / "best.pt", "--output-dir", tmp_path])
     report = json.loads((tmp_path / "eval_test.json").read_text())
-    model, tokenizer, state = load_model(run_dir / "best.pt")
+    model, tokenizer, state = load_trained_model(run_dir / "best.pt")
     _, (texts, labels) = load_checkpoint_split(state, None, "test")
     logits = evaluate_model(model, tokenize(tokenizer, texts, state["max_length"]), labels,
                             tokenizer.pad_token_id, torch.device("cpu"))[1]

@@ -7,12 +7,13 @@ from sklearn.metrics import f1_score
 
 import model as model_lib
 import train
-from common import UserError, autocast, cpu_has_native_bf16, pick_amp_dtype
+from basics import UserError
+from common import autocast, cpu_has_native_bf16, pick_amp_dtype, pick_device_and_amp_dtype
 from model import (
     TopicClassifier,
     classification_metrics,
-    load_model,
-    load_pretrained,
+    load_pretrained_encoder,
+    load_trained_model,
     read_checkpoint,
     save_checkpoint,
 )
@@ -20,7 +21,7 @@ from model import (
 
 @pytest.fixture
 def tiny(tiny_model_dir):
-    encoder, tokenizer = load_pretrained(str(tiny_model_dir))
+    encoder, tokenizer = load_pretrained_encoder(str(tiny_model_dir))
     torch.manual_seed(0)
     return TopicClassifier(encoder, num_labels=4), tokenizer
 
@@ -53,14 +54,14 @@ def test_checkpoint_round_trip_with_weights_only(tiny, tmp_path):
     run_info = {"tokenizer_files": model_lib.tokenizer_files(tokenizer),
                 "class_names": ["W", "S", "B", "T"], "max_length": args.max_length,
                 "config": vars(args)}
-    position = {"epoch": 0, "batch": 10, "step": 10, "best_val_accuracy": 0.5,
+    position = {"epoch": 0, "step_in_epoch": 10, "step": 10, "best_val_accuracy": 0.5,
                 "evals_since_best": 0}
     state = model_lib.make_checkpoint(model, run_info, position)
     save_checkpoint(state, tmp_path / "best.pt")
     state = torch.load(tmp_path / "best.pt", weights_only=True)
     assert (state["class_names"] == ["W", "S", "B", "T"] and state["max_length"] == 64
             and state["position"] == position)
-    loaded, loaded_tokenizer, _ = load_model(tmp_path / "best.pt")
+    loaded, loaded_tokenizer, _ = load_trained_model(tmp_path / "best.pt")
     input_ids, mask = _batch(tokenizer, ["nasa chip", "the election of a minister"])
     assert torch.equal(_batch(loaded_tokenizer, ["nasa chip", "the election of a minister"])[0],
                        input_ids)
@@ -97,8 +98,8 @@ def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tiny, tmp_pa
         read_checkpoint(tmp_path / "nothing.pt")
     # another version's format: refused, not half read
     save_checkpoint({"format": model_lib.CHECKPOINT_FORMAT - 1, "model": {}}, tmp_path / "old.pt")
-    with pytest.raises(UserError, match=r"old.pt: checkpoint format 1, written by another version "
-                                        r"of this toolkit; this one reads format 2"):
+    with pytest.raises(UserError, match=r"old.pt: checkpoint format 2, written by another version "
+                                        r"of this toolkit; this one reads format 3"):
         read_checkpoint(tmp_path / "old.pt")
     # a plain pickle, not torch's zip format
     (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"format": 1}, protocol=2))
@@ -109,7 +110,7 @@ def test_truncated_foreign_and_missing_checkpoints_are_clear_errors(tiny, tmp_pa
 def test_unknown_model_gives_actionable_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"--model .*no-such-folder.*Pass --model /path/to/folder"):
-        load_pretrained(str(tmp_path / "no-such-folder"))
+        load_pretrained_encoder(str(tmp_path / "no-such-folder"))
 
 
 def test_tiny_model_overfits_a_tiny_batch(tiny):
@@ -168,14 +169,16 @@ def test_a_torch_without_the_cpu_feature_checks_means_fp32(monkeypatch):
 @pytest.mark.parametrize("cpu_name", CPUS)
 def test_scripts_load_a_checkpoint_in_the_precision_the_cpu_has(cpu_name, tiny, tmp_path,
                                                                  monkeypatch):
-    # evaluate.py, visualize.py and predict.py all start from load_trained
+    # evaluate.py, visualize.py and predict.py all resolve their flags so, then load the model
     model, tokenizer = tiny
     run_info = {"tokenizer_files": model_lib.tokenizer_files(tokenizer),
                 "class_names": ["W", "S", "B", "T"], "max_length": 64,
                 "config": vars(train.build_parser().parse_args([]))}
     save_checkpoint(model_lib.make_checkpoint(model, run_info, {"step": 1}), tmp_path / "best.pt")
     fake_cpu(monkeypatch, CPUS[cpu_name])
-    *_, amp_dtype = model_lib.load_trained(tmp_path / "best.pt", "cpu", amp=True)
+    device, amp_dtype = pick_device_and_amp_dtype("cpu", amp=True)
+    loaded, *_ = model_lib.load_trained_model(tmp_path / "best.pt", device)
+    assert next(loaded.parameters()).dtype == torch.float32  # fp32 weights, autocast or not
     assert amp_dtype == (torch.bfloat16 if cpu_name in ("AMX", "AVX512-BF16") else None)
 
 

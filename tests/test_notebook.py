@@ -2,6 +2,7 @@
 (nbclient + ipykernel), on the tiny random BERT and tiny CSVs. Any cell that errors fails the
 test."""
 import ast
+import gc
 import os
 import re
 import signal
@@ -9,12 +10,18 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import nbformat
 import pytest
 import torch
 from nbclient import NotebookClient
+
+import evaluate
+import train
+from basics import UserError
+from common import Stopped
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,6 +185,10 @@ def test_the_stop_button_saves_and_the_same_kernel_resumes(tiny_model_dir, tiny_
         "kernel_handler = signal.getsignal(signal.SIGINT)\nprint('pid', os.getpid())"),
         f"stopped = main({flags!r})",
         "assert signal.getsignal(signal.SIGINT) is kernel_handler  # the kernel's own again",
+        # sys.last_traceback holds the stopped cell's exception; the model is not kept with it
+        ("import gc\nfrom model import TopicClassifier\nassert sys.last_traceback is not None\n"
+         "gc.collect()\n"
+         "assert not [m for m in gc.get_objects() if isinstance(m, TopicClassifier)]"),
         f"resumed = main({[*flags, '--resume']!r})",
     ]])
     # allow_errors: the stopped cell ends as an error (so Run all stops there) that the test reads
@@ -198,14 +209,72 @@ def test_the_stop_button_saves_and_the_same_kernel_resumes(tiny_model_dir, tiny_
         presser.start()
         client.execute_cell(nb.cells[1], 1)
         presser.join()
-        for index in (2, 3):
+        for index in (2, 3, 4):
             client.execute_cell(nb.cells[index], index)
     text = outputs(nb)
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
     assert f"Resume: import train; train.main({[*flags, '--resume']!r})" in text
     errors = [out for cell in nb.cells for out in cell.outputs if out.output_type == "error"]
     assert [(e.ename, e.traceback) for e in errors] == [("Stopped", [])]  # cell 1's: no traceback
-    assert not any(out.output_type == "error" for out in nb.cells[3].outputs)
+    assert not any(out.output_type == "error" for cell in nb.cells[2:] for out in cell.outputs)
     assert "resumed from" in text and "best.pt: val accuracy" in text
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert last["position"]["step"] == 10 * 16  # all of it
+
+
+@pytest.fixture
+def tracked_models(monkeypatch):
+    """Weak references to every TopicClassifier built from now on, by train.py or a loader."""
+    import model
+
+    refs = []
+
+    class Tracked(model.TopicClassifier):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            refs.append(weakref.ref(self))
+    monkeypatch.setattr(model, "TopicClassifier", Tracked)
+    monkeypatch.setattr(train, "TopicClassifier", Tracked)
+    return refs
+
+
+def test_an_error_or_a_stop_that_ends_a_cell_lets_go_of_the_model(tracked_models, tiny_model_dir,
+                                                                   tiny_data_dir, tmp_path,
+                                                                   monkeypatch):
+    # A notebook keeps the exception that ended a cell in sys.last_traceback, and with it every
+    # frame it passed through: run()'s model (on the GPU), optimizer and data, until the next one.
+    monkeypatch.setattr(train, "in_notebook", lambda: True)
+    flags = [*tiny_flags(tiny_model_dir, tiny_data_dir), "--epochs", "1", "--output-dir",
+             str(tmp_path / "run")]
+    train.main(flags)
+    with pytest.raises(UserError, match="other settings") as refused:  # once the model is built
+        train.main([*flags, "--resume", "--lr", "1e-3"])
+    gc.collect()
+    assert len(tracked_models) == 2 and refused.value.__traceback__ is not None
+    assert tracked_models[-1]() is None
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+    def stop_button_at_step_3(*args, **kwargs):  # SIGINT, as the stop button sends it
+        if stop_button_at_step_3.steps == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        stop_button_at_step_3.steps += 1
+        return real_clip(*args, **kwargs)
+    stop_button_at_step_3.steps = 1
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", stop_button_at_step_3)
+    with pytest.raises(Stopped) as stopped:
+        train.main([*flags[:-1], str(tmp_path / "stopped")])
+    gc.collect()
+    assert stopped.value.step == 3 and stopped.value.__traceback__ is not None
+    assert len(tracked_models) == 3 and tracked_models[-1]() is None
+
+
+def test_an_error_in_evaluate_lets_go_of_the_model(tracked_models, tiny_model_dir, tiny_data_dir,
+                                                   tmp_path):
+    train.main([*tiny_flags(tiny_model_dir, tiny_data_dir), "--epochs", "1", "--output-dir",
+                str(tmp_path / "run")])
+    with pytest.raises(UserError, match="not found") as refused:  # once the model is loaded
+        evaluate.main(["--ckpt", str(tmp_path / "run" / "best.pt"), "--data-dir",
+                       str(tmp_path / "nothing"), "--device", "cpu"])
+    gc.collect()
+    assert len(tracked_models) == 2 and refused.value.__traceback__ is not None
+    assert tracked_models[-1]() is None

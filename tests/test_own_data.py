@@ -16,7 +16,7 @@ import evaluate
 import predict
 import train
 import visualize
-from common import UserError
+from basics import UserError
 from data import load_checkpoint_split, load_splits, read_table
 
 LABELS = ["politics", "sport", "money"]  # sorted: money, politics, sport

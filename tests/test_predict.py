@@ -7,8 +7,8 @@ import torch
 from conftest import TOPIC_WORDS, train_tiny
 
 import predict
-from common import UserError
-from model import load_classifier, load_model
+from basics import UserError
+from model import load_classifier, load_trained_model
 
 CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 # Lengths differ on purpose: a batch pads the short ones, and padding must not change any result.
@@ -28,7 +28,7 @@ def tiny_ckpt(tiny_model_dir, tmp_path_factory):
 def hf_probabilities(ckpt, text):
     """The independent path: the tokenizer on one raw string, the model on that one row, softmax
     of the logits divided by the checkpoint's temperature."""
-    model, tokenizer, state = load_model(ckpt)
+    model, tokenizer, state = load_trained_model(ckpt)
     enc = tokenizer(text, truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
         logits = model(enc["input_ids"], enc["attention_mask"])

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_args
 
 import train
-from common import UserError
+from basics import UserError
 from model import CHECKPOINT_FORMAT
 
 KILLER = Path(__file__).with_name("killer.py")

@@ -15,8 +15,8 @@ from conftest import train_tiny
 
 import export
 import serve
-from common import UserError
-from model import load_classifier, load_model, read_checkpoint, save_checkpoint
+from basics import UserError
+from model import load_classifier, load_trained_model, read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lengths differ (padding must not change a result); the last one needs cleaning, and the longest
@@ -77,7 +77,7 @@ def test_export_matches_torch_through_the_serving_path(run, exported):
     for i, text in enumerate(TEXTS):
         np.testing.assert_allclose(onnx_classify([text])[0], batch[i], atol=1e-6, rtol=0)
     # the temperature is applied: the probabilities are softmax(logits / 2.5) of torch's logits
-    model, tokenizer, _ = load_model(ckpt)
+    model, tokenizer, _ = load_trained_model(ckpt)
     enc = tokenizer(TEXTS[0], return_tensors="pt")
     with torch.no_grad():
         logits = model(enc["input_ids"], enc["attention_mask"])[0]
@@ -85,7 +85,7 @@ def test_export_matches_torch_through_the_serving_path(run, exported):
 
 
 def test_the_onnx_tokenizer_gives_transformers_ids(run, exported):
-    _, tokenizer, _ = load_model(run[0])
+    _, tokenizer, _ = load_trained_model(run[0])
     onnx_tokenizer = serve.open_tokenizer(exported["fp32"][0] / "tokenizer.json", max_length=12)
     texts = [*TEXTS, "Ünïcode Café, UPPER case; punctuation!? and [SEP] words-unknown-here"]
     expected = tokenizer(texts, truncation=True, max_length=12)["input_ids"]

@@ -70,12 +70,12 @@ def test_a_stop_during_the_final_test_keeps_the_run_and_resume_reports(straight_
 
 def test_a_stop_during_the_set_up_ends_at_once_and_saves_nothing(tiny_model_dir, tiny_data_dir,
                                                                   tmp_path, monkeypatch, capsys):
-    real_load_pretrained = train.load_pretrained
+    real_load_pretrained = train.load_pretrained_encoder
 
     def ctrl_c_while_loading(*args):  # a real SIGINT, as while a model downloads
         os.kill(os.getpid(), signal.SIGINT)
         return real_load_pretrained(*args)
-    monkeypatch.setattr(train, "load_pretrained", ctrl_c_while_loading)
+    monkeypatch.setattr(train, "load_pretrained_encoder", ctrl_c_while_loading)
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, *FLAGS))
     assert exit_info.value.code == 130 and not (tmp_path / "last.pt").exists()

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -12,7 +13,9 @@ from conftest import tiny_args
 import common
 import model
 import train
-from common import UserError, warn_if_slow
+import train_log
+from basics import UserError
+from train_log import warn_if_slow
 
 
 def test_train_end_to_end_writes_checkpoints_metrics_and_learns(tiny_model_dir, tiny_data_dir,
@@ -160,7 +163,8 @@ def test_a_run_of_hours_on_a_cpu_is_announced_with_what_to_do(capsys):
 
 def test_too_little_disk_for_checkpoints_is_refused_before_training(tiny_model_dir, tiny_data_dir,
                                                                     tmp_path, monkeypatch):
-    monkeypatch.setattr(model.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    monkeypatch.setattr(train_log.shutil, "disk_usage",
+                        lambda path: types.SimpleNamespace(free=1000))
     with pytest.raises(UserError, match=r"--output-dir .*: 0 MiB free, checkpoints need ~\d+ MiB"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path))
     assert not (tmp_path / "last.pt").exists()
@@ -196,9 +200,9 @@ def test_resume_under_another_mixed_precision_is_refused(tiny_model_dir, tiny_da
 
 
 def test_optimizer_decays_matrices_only_and_covers_every_parameter_once(tiny_model_dir):
-    from model import TopicClassifier, load_pretrained
+    from model import TopicClassifier, load_pretrained_encoder
 
-    model = TopicClassifier(load_pretrained(str(tiny_model_dir))[0], 4)
+    model = TopicClassifier(load_pretrained_encoder(str(tiny_model_dir))[0], 4)
     args = train.build_parser().parse_args(["--weight-decay", "0.05"])
     groups = train.make_optimizer(model, args).param_groups
     ids = [id(p) for g in groups for p in g["params"]]
@@ -233,12 +237,15 @@ def test_resume_compares_every_flag_that_changes_the_weights(tiny_model_dir, tin
     splits = {"train_file": tiny_data_dir / "train.csv", "class_names": ["a", "b"],
               "test_from": "test.csv"}
     saved = train.fingerprint(parser.parse_args(base), 1, 16, None, splits)
-    moved = shutil.copytree(tiny_data_dir, tmp_path / "moved")  # the same train.csv elsewhere
     for dest in dests - train.RESUME_FREE:
         args = parser.parse_args(base)
-        setattr(args, dest, str(moved) if dest == "data_dir" else "another value")
+        setattr(args, dest, "another value")
         now = train.fingerprint(args, 1, 16, None, splits)
         assert [k for k in now if now[k] != saved[k]] == [f"--{dest.replace('_', '-')}"], dest
+    # the same train.csv elsewhere is the same data: its content decides, not the folder's name
+    moved = shutil.copytree(tiny_data_dir, tmp_path / "moved")
+    assert train.fingerprint(parser.parse_args(["--data-dir", str(moved)]), 1, 16, None,
+                             {**splits, "train_file": moved / "train.csv"}) == saved
     # and for real: another clipping threshold would no longer give the uninterrupted run's weights
     train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
     with pytest.raises(UserError, match=r"other settings:\n  --max-grad-norm: 1.0 then, 0.5 now$"):
@@ -356,3 +363,86 @@ def test_patience_stops_the_run_with_its_test_report_and_survives_resume(
     assert train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
                                 "--resume")) == result
     assert val_steps(tmp_path / "b") == [4, 8, 12]
+
+
+def documented_checkpoint_keys():
+    """model.py's docstring -> (best.pt's keys, position's keys, the keys last.pt adds)."""
+    doc = model.__doc__
+    start = doc.index("{", doc.index("best.pt:"))
+    depth, top, nested = 0, [], []
+    for token in re.finditer(r'[{}]|"(\w+)":', doc[start:]):
+        depth += {"{": 1, "}": -1}.get(token.group(0), 0)
+        if token.group(1):
+            (top if depth == 1 else nested).append(token.group(1))
+        if depth == 0:
+            break
+    adds = re.findall(r'"(\w+)"', doc[doc.index("adds", doc.index("last.pt,")):])
+    return set(top), set(nested) - set(top), set(adds)
+
+
+def test_the_format_in_model_py_is_what_train_writes(tiny_model_dir, tiny_data_dir, tmp_path):
+    train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1))
+    best, last = (torch.load(tmp_path / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    keys, position, adds = documented_checkpoint_keys()
+    assert set(best) == keys and best["format"] == model.CHECKPOINT_FORMAT
+    assert set(best["position"]) == set(last["position"]) == position
+    assert set(last) == keys - {"temperature"} | adds
+
+
+def test_resume_drops_a_torn_last_line_of_metrics_and_loses_nothing_else(tiny_model_dir,
+                                                                         tiny_data_dir, tmp_path,
+                                                                         capsys):
+    flags = tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1)
+    first = train.main(flags)
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    # a process killed mid-write leaves its last line cut short
+    metrics.write_text("\n".join(lines) + '\n{"type": "train", "epoch": 1, "st')
+    assert train.main([*flags, "--resume"]) == first
+    assert metrics.read_text().splitlines() == lines
+    out = capsys.readouterr().out
+    assert f"note: {metrics}:{len(lines) + 1}: dropped a line cut short" in out
+    # a bad line before others is no kill's doing: refused, naming it, the file left as it is
+    broken = [*lines[:2], "not json", *lines[2:]]
+    metrics.write_text("\n".join(broken) + "\n")
+    with pytest.raises(UserError, match=rf"{re.escape(str(metrics))}:3: not a JSON record"):
+        train.main([*flags, "--resume"])
+    assert metrics.read_text().splitlines() == broken
+
+
+def test_a_flag_added_since_a_run_was_saved_compares_against_its_default(tiny_model_dir,
+                                                                          tiny_data_dir, tmp_path):
+    flags = tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1)
+    first = train.main(flags)
+    # saved before --class-weights existed: the run had no such flag, so it ran as its default does
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["fingerprint"]["--class-weights"]
+    torch.save(state, tmp_path / "last.pt")
+    assert train.main([*flags, "--resume"]) == first
+    with pytest.raises(UserError, match=r"other settings:\n  --class-weights: 'none' then, "
+                                        r"'balanced' now$"):
+        train.main([*flags, "--resume", "--class-weights", "balanced"])
+
+
+def test_the_same_data_in_another_folder_resumes_and_other_data_is_refused(tiny_model_dir,
+                                                                           tiny_data_dir,
+                                                                           tmp_path):
+    out = tmp_path / "run"
+    first = train.main(tiny_args(tiny_model_dir, tiny_data_dir, out, "--epochs", 1))
+    moved = shutil.copytree(tiny_data_dir, tmp_path / "moved")  # copied to another disk, say
+    assert train.main(tiny_args(tiny_model_dir, moved, out, "--epochs", 1, "--resume")) == first
+    rows = (moved / "train.csv").read_text().splitlines()
+    (moved / "train.csv").write_text("\n".join(rows[:-1]) + "\n")  # one row fewer: other data
+    with pytest.raises(UserError, match=r"other settings:\n  train file md5: '[0-9a-f]{32}' then, "
+                                        r"'[0-9a-f]{32}' now"):
+        train.main(tiny_args(tiny_model_dir, moved, out, "--epochs", 1, "--resume"))
+
+
+def test_a_missing_best_pt_is_named_without_a_flag_train_py_lacks(tiny_model_dir, tiny_data_dir,
+                                                                   tmp_path):
+    flags = tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 1)
+    train.main(flags)
+    (tmp_path / "best.pt").unlink()  # e.g. only last.pt was copied to this machine
+    with pytest.raises(UserError) as refused:
+        train.main([*flags, "--resume"])
+    assert refused.value.code == f"error: {tmp_path / 'best.pt'}: file not found"

@@ -8,7 +8,7 @@ from matplotlib.image import imread
 from sklearn.metrics import silhouette_score
 
 import visualize
-from common import UserError
+from basics import UserError
 from data import read_csv
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
@@ -123,7 +123,7 @@ def test_before_panel_is_skipped_with_a_note_when_the_pretrained_encoder_is_gone
 
 def test_no_before_with_pca_and_a_missing_metrics_file(tiny_run, tmp_path, monkeypatch):
     run_dir, _, _ = tiny_run
-    monkeypatch.setattr(visualize, "load_pretrained",
+    monkeypatch.setattr(visualize, "load_pretrained_encoder",
                         lambda name: pytest.fail("--no-before loaded the encoder"))
     result = visualize.main(["--ckpt", run_dir / "best.pt", "--no-before", "--method", "pca",
                              "--output-dir", tmp_path, "--metrics", run_dir / "metrics.jsonl"])
