@@ -176,8 +176,8 @@ def class_colours(n):
 
 
 def plot_maps(panels, labels, wrong, class_names, suptitle, path):
-    """One scatter per panel, coloured by gold class, the fine-tuned model's mistakes marked with a
-    black x. -> the figure."""
+    """One scatter per panel, coloured by gold class, the fine-tuned model's mistakes ringed in
+    black (a class the model gets all wrong still shows its colour). -> the figure."""
     # a bare Figure: no pyplot, no GUI backend, no global state
     from matplotlib.figure import Figure
 
@@ -188,7 +188,7 @@ def plot_maps(panels, labels, wrong, class_names, suptitle, path):
         for k, (name, colour) in enumerate(zip(class_names, class_colours(len(class_names)))):
             ax.scatter(*xy[labels == k].T, s=size, color=colour, alpha=0.7, linewidths=0,
                        label=name)
-        ax.scatter(*xy[wrong].T, s=size * 2, marker="x", color="black", linewidths=0.7,
+        ax.scatter(*xy[wrong].T, s=size * 5, facecolors="none", edgecolors="black", linewidths=0.7,
                    label=f"misclassified by the fine-tuned model ({wrong.sum()})")
         ax.set_title(f"{panel['title']}\nsilhouette {panel['silhouette']:.3f}, "
                      f"{KNN_NEIGHBOURS}-NN accuracy {panel['knn_accuracy']:.1%}", fontsize=10)
