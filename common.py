@@ -127,10 +127,44 @@ def autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def pad_multiple(device, amp_dtype):
-    """Pad batches to a multiple of 8 tokens under mixed precision on a GPU, where tensor cores
-    want such shapes; on a CPU the extra padding is only extra work."""
+def pad_multiple(device, amp_dtype, model):
+    """The multiple batches are padded to. A compiled model (--compile): 16, so that it meets at
+    most max_length / 16 lengths (CUDA graphs record one graph per shape). Else 8 under mixed
+    precision on a GPU, where tensor cores want such shapes; 1 on a CPU, where the extra padding
+    is only extra work."""
+    if getattr(model, "_compiled_call_impl", None) is not None:  # nn.Module.compile() ran
+        return 16
     return 8 if device.type == "cuda" and amp_dtype is not None else 1
+
+
+def speed_up(model, device, compile_mode):
+    """train.py's speed tricks, switched on by its one line, apart from the model. With --compile:
+    torch.compile of every call of model(...) (training and evaluation), in place, so that its
+    state_dict keeps its names; "reduce-overhead" adds CUDA graphs. Else, on a CPU, cpu_speed.py's
+    levers (measured faster there than compiling: benchmarks/README.md). -> a function that gives
+    what compiling has cost since: {"compile_graphs": graphs made, "compile_s": seconds}."""
+    import cpu_speed  # here: it imports model.py, which imports this file
+
+    if compile_mode == "off":
+        if device.type == "cpu":
+            cpu_speed.speed_up_cpu_training(model)  # the same dropout, drawn faster
+        return dict
+    if compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise UserError(f"--compile reduce-overhead: CUDA graphs need a CUDA GPU, not "
+                        f"{device.type}; use --compile")
+    if device.type == "cpu":  # not cpu_dropout: its 16-bit draws compile to slow code
+        cpu_speed.keep_freed_memory()
+    from torch._dynamo.utils import calculate_time_spent, counters
+
+    def so_far():
+        return counters["stats"]["unique_graphs"], calculate_time_spent()["total_wall_time"]
+
+    graphs, seconds = so_far()
+    # dynamic: one graph serves every (batch, length), whatever order the shapes come in, so a
+    # resumed run runs the very kernels an unbroken one does
+    model.compile(mode=compile_mode, dynamic=True)
+    return lambda: {"compile_graphs": so_far()[0] - graphs,
+                    "compile_s": round(so_far()[1] - seconds, 1)}
 
 
 def to_device(tensors, device):

@@ -18,10 +18,9 @@ import ctypes
 import torch
 from torch import nn
 
+from model import STANDARD_ATTENTION_MODEL_TYPES  # others (GQA, position biases, ...) keep theirs
+
 CPU_ATTENTION = "eager_cpu_dropout"
-# Encoders whose attention is plain multi-head attention through transformers' attention interface
-# (transformers 5); others (GQA, relative position biases, ...) keep their own, with CpuDropout.
-CPU_ATTENTION_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra")
 
 
 def cpu_dropout(x, p, training=True):
@@ -86,7 +85,8 @@ def use_cpu_dropout(model, attention=True):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     encoder, config = model.encoder, model.encoder.config
-    if (config.model_type in CPU_ATTENTION_MODEL_TYPES and config._attn_implementation == "sdpa"
+    if (config.model_type in STANDARD_ATTENTION_MODEL_TYPES
+            and config._attn_implementation == "sdpa"
             and getattr(encoder, "_supports_attention_backend", False)
             and hasattr(encoder, "set_attn_implementation")):
         AttentionInterface.register(CPU_ATTENTION, eager_attention_cpu_dropout)

@@ -84,9 +84,8 @@ class MeanPooled(nn.Module):
 
     def embed(self, input_ids, attention_mask):
         # (B, T, H)
-        hidden = self.encoder(input_ids=input_ids,
-                              attention_mask=encoder_mask(attention_mask, self.encoder.config)
-                              ).last_hidden_state
+        hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask(
+            attention_mask, self.encoder.config)).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
 
@@ -199,13 +198,13 @@ def infer(model, token_ids, pad_id, device, amp_dtype=None, batch_size=128, fn="
     chunks, order = [], []
     for rows in batch_order([len(t) for t in token_ids], batch_size, shuffle=False):
         input_ids, attention_mask = to_device(
-            collate(token_ids, rows, pad_id, pad_multiple(device, amp_dtype)), device)
+            collate(token_ids, rows, pad_id, pad_multiple(device, amp_dtype, model)), device)
         with autocast(device, amp_dtype):
             if fn == "logits":
                 out = model(input_ids, attention_mask)
             else:
                 out = model.embed(input_ids, attention_mask)
-        chunks.append(out.float())
+        chunks.append(out.float().clone())  # CUDA graphs (--compile) reuse the output's memory
         order += rows
     model.train(was_training)
     inverse = torch.argsort(torch.tensor(order))  # batch order -> row order

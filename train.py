@@ -33,9 +33,9 @@ from common import (
     pad_multiple,
     pick_amp_dtype,
     precision_name,
+    speed_up,
     to_device,
 )
-from cpu_speed import speed_up_cpu_training
 from data import add_data_flags, collate, file_md5, load_splits, step_batches, tokenize_cached
 from model import (
     TopicClassifier,
@@ -90,7 +90,6 @@ def run(args, stop, rank, world, device):
     class_names, train_labels = splits["class_names"], torch.tensor(splits["train"][1])
     train_ids, pad_id = token_ids["train"], tokenizer.pad_token_id
     train_lengths = [len(ids) for ids in train_ids]
-    multiple = pad_multiple(device, amp_dtype)  # GPUs under autocast pad to x8 for tensor cores
     counts = torch.bincount(train_labels, minlength=len(class_names))  # (C,) rows per class
     per_class = ", ".join(f"{n} {name}" for name, n in zip(class_names, counts.tolist()))
     print(f"train {len(train_ids)} rows ({per_class}), val {len(token_ids['val'])}, test "
@@ -103,8 +102,7 @@ def run(args, stop, rank, world, device):
 
     # ---- model, optimizer, LR schedule
     model = TopicClassifier(encoder, len(class_names), args.dropout).to(device)
-    if device.type == "cpu":
-        speed_up_cpu_training(model)  # the same dropout, drawn faster; see cpu_speed.py
+    compile_figures = speed_up(model, device, args.compile)  # --compile, or the CPU's levers
     if rank == 0:
         check_room(out_dir, model)
     optimizer = make_optimizer(model, args)
@@ -142,6 +140,7 @@ def run(args, stop, rank, world, device):
     log = TrainingLog(out_dir / "metrics.jsonl", at["step"], total_steps, train_lengths, device,
                       fp16=scaler.is_enabled(), writes=rank == 0)
     train_model = distributed.wrap(model, device)  # collective; DDP averages the gradients
+    multiple = pad_multiple(device, amp_dtype, model)  # x8 for tensor cores; x16 compiled
     model.train()
     stop.phase = "training"  # from here a stop waits for the step in flight, then saves it
     out_of_patience = bool(args.patience) and at["evals_since_best"] >= args.patience
@@ -153,6 +152,8 @@ def run(args, stop, rank, world, device):
             rows = rows[rank::world]  # this process's share
             input_ids, attention_mask, targets = to_device(  # (B, T), (B, T), (B,)
                 [*collate(train_ids, rows, pad_id, multiple), train_labels[rows]], device)
+            if args.compile == "reduce-overhead":  # CUDA graphs: a new step, memory reused
+                torch.compiler.cudagraph_mark_step_begin()
             with distributed.sync_unless(train_model, i == len(micro_batches) - 1):  # collective
                 with autocast(device, amp_dtype):
                     logits = train_model(input_ids, attention_mask)  # (B, num_classes)
@@ -208,7 +209,7 @@ def run(args, stop, rank, world, device):
     log.evaluation("test", at["step"], metrics)
     log.close()
     result = {"val_accuracy": at["best_val_accuracy"], "temperature": best["temperature"],
-              **{f"test_{k}": v for k, v in metrics.items()}}
+              **{f"test_{k}": v for k, v in metrics.items()}, **compile_figures()}
     (out_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": "best.pt", **result},
                                                           indent=1))
     print(f"best.pt: val accuracy {result['val_accuracy']:.4f}, test accuracy "
@@ -234,6 +235,9 @@ def build_parser():
     p.add_argument("--dropout", type=non_negative(float), default=0.1, help="before the head")
     add_device_flags(p)
     p.add_argument("--max-length", type=positive(int), default=128, help="tokens kept per text")
+    p.add_argument("--compile", nargs="?", const="default", default="off",
+                   choices=["off", "default", "reduce-overhead"], help="torch.compile the model "
+                   "(a GPU's step waits less on Python); reduce-overhead: with CUDA graphs")
     p.add_argument("--class-weights", choices=["none", "balanced"], default="none",
                    help="balanced: weight each class's loss by inverse class frequency")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,

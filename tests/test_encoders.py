@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import COMMON_WORDS, SPECIAL, TOPIC_WORDS, tiny_args
 
+import cpu_speed
 import train
 from cpu_speed import CPU_ATTENTION, use_cpu_dropout
 from data import collate, tokenize
@@ -63,7 +64,7 @@ def test_other_encoders_train_two_steps(kind, levers, tiny_data_dir, tmp_path, m
         models.append(model)
         if levers:
             use_cpu_dropout(model)
-    monkeypatch.setattr(train, "speed_up_cpu_training", speed_up)
+    monkeypatch.setattr(cpu_speed, "speed_up_cpu_training", speed_up)  # common.speed_up calls it
     result = train.main(tiny_args(model_dir, tiny_data_dir, tmp_path / "run", "--epochs", 1,
                                   "--max-train-samples", 32, "--max-length", 64))
     lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
