@@ -184,13 +184,23 @@ def environment(device, amp_dtype):
            "threads": torch.get_num_threads()}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    try:  # the code version, when the scripts run from a git checkout
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5, check=False)
-        env["commit"] = git.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        env["commit"] = None
+    env["commit"] = project_commit(Path(__file__).resolve().parent)
     return env
+
+
+def project_commit(folder):
+    """The commit of the git checkout whose top folder is `folder`; None for a copy that is not
+    one, even inside another repository (an unpacked copy in a user's project), whose commit says
+    nothing of this code."""
+    try:
+        git = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                             cwd=folder, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = git.stdout.splitlines()
+    if git.returncode or len(lines) != 2 or Path(lines[0]).resolve() != Path(folder).resolve():
+        return None
+    return lines[1]
 
 
 # ------------------------------------------------------------------------------------------ files

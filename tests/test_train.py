@@ -3,8 +3,10 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -446,3 +448,19 @@ def test_a_missing_best_pt_is_named_without_a_flag_train_py_lacks(tiny_model_dir
     with pytest.raises(UserError) as refused:
         train.main([*flags, "--resume"])
     assert refused.value.code == f"error: {tmp_path / 'best.pt'}: file not found"
+
+
+def test_the_environment_records_this_projects_commit_never_an_outer_repositorys(tmp_path):
+    def git(*args, cwd=tmp_path):
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                              text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "train.py").write_text("# an unpacked copy inside another repository\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "outer")
+    assert common.project_commit(tmp_path) == git("rev-parse", "--short", "HEAD")
+    assert common.project_commit(tmp_path / "sub") is None  # the outer repository's commit
+    root = Path(common.__file__).resolve().parent
+    recorded = common.environment(torch.device("cpu"), None)["commit"]
+    assert recorded == common.project_commit(root) and recorded is not None  # a checkout here
