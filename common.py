@@ -154,17 +154,19 @@ def speed_up(model, device, compile_mode):
                         f"{device.type}; use --compile")
     if device.type == "cpu":  # not cpu_dropout: its 16-bit draws compile to slow code
         cpu_speed.keep_freed_memory()
-    from torch._dynamo.utils import calculate_time_spent, counters
-
-    def so_far():
-        return counters["stats"]["unique_graphs"], calculate_time_spent()["total_wall_time"]
-
-    graphs, seconds = so_far()
+    graphs, seconds = compile_counts()
     # dynamic: one graph serves every (batch, length), whatever order the shapes come in, so a
     # resumed run runs the very kernels an unbroken one does
     model.compile(mode=compile_mode, dynamic=True)
-    return lambda: {"compile_graphs": so_far()[0] - graphs,
-                    "compile_s": round(so_far()[1] - seconds, 1)}
+    return lambda: {"compile_graphs": compile_counts()[0] - graphs,
+                    "compile_s": round(compile_counts()[1] - seconds, 1)}
+
+
+def compile_counts():
+    """(graphs torch.compile has made, seconds it has spent compiling) in this process so far."""
+    from torch._dynamo.utils import calculate_time_spent, counters
+
+    return counters["stats"]["unique_graphs"], calculate_time_spent()["total_wall_time"]
 
 
 def to_device(tensors, device):

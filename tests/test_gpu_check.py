@@ -22,15 +22,25 @@ def gpu_check(*args, **env):
                           env={**os.environ, "PYTHON": sys.executable, **env})
 
 
-def test_dry_run_checks_the_set_up_and_plans_the_five_parts(tiny_model_dir, tmp_path):
+def test_dry_run_checks_the_set_up_and_plans_every_part(tiny_model_dir, tmp_path):
     done = gpu_check("--dry-run", tmp_path / "out", MODEL=str(tiny_model_dir))
     assert done.returncode == 0, done.stderr
-    plan = (tmp_path / "out" / "plan.txt").read_text().splitlines()
-    assert [line.split("|")[0] for line in plan] == [
-        "bench_bert_base", "minilm_amp", "minilm_fp16", "torchrun_nccl", "tests_gpu"]
-    assert "--random-init" in plan[0] and "--setups trainer_best,ours_amp" in plan[0]
-    assert "--amp-dtype fp16" in plan[2] and "--nproc_per_node 1" in plan[3]
-    assert all(f"--model {tiny_model_dir}" in line for line in plan[:4])
+    plan = dict(line.split("|", 1) for line in (tmp_path / "out" / "plan.txt").read_text()
+                .splitlines())
+    assert list(plan) == ["bench_b32", "bench_b128", "minilm_eager", "minilm_compiled",
+                          "minilm_cudagraphs", "minilm_fp16", "torchrun_nccl", "tests_gpu"]
+    setups = ("--setups trainer_best,trainer_best_compiled,ours_amp,ours_amp_compiled,"
+              "ours_amp_cudagraphs")
+    for part, batch in (("bench_b32", 32), ("bench_b128", 128)):
+        assert "--random-init" in plan[part] and setups in plan[part]
+        assert f"--batch-size {batch} " in plan[part] and "--compile-cache" in plan[part]
+    assert all("--epochs 3 --amp" in plan[p] for p in plan if p.startswith("minilm_")
+               and p != "minilm_fp16")
+    assert "--compile --output-dir" in plan["minilm_compiled"]
+    assert "--compile reduce-overhead" in plan["minilm_cudagraphs"]
+    assert "--amp-dtype fp16" in plan["minilm_fp16"]
+    assert "--nproc_per_node 1" in plan["torchrun_nccl"]
+    assert all(f"--model {tiny_model_dir}" in plan[p] for p in plan if p != "tests_gpu")
     assert "nothing was run" in done.stdout
 
 
@@ -51,24 +61,40 @@ def test_without_a_gpu_the_real_run_stops_before_running_anything(tiny_model_dir
 
 def test_summary_reads_every_part(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    (out / "bench_bert_base").mkdir(parents=True)
+    (out / "gpu.txt").parent.mkdir(parents=True)
     (out / "gpu.txt").write_text("name, memory.total [MiB]\nNVIDIA H200, 143771 MiB\n")
-    (out / "bench_bert_base" / "bench.json").write_text(json.dumps({
+    (out / "bench_b32").mkdir()
+    (out / "bench_b32" / "bench.json").write_text(json.dumps({
         "peak_gflops": 700000.0, "peak_dtype": "bf16",
-        "results": {"trainer_best": {"samples_per_s": 1000.0},
-                    "ours_amp": {"samples_per_s": 1500.0}}}))
+        "results": {"trainer_best": {"samples_per_s": 1000.0, "wall_s": 60.0},
+                    "trainer_best_compiled": {"samples_per_s": 1200.0, "wall_s": 90.0,
+                                              "compile_s": 40.0, "compile_graphs": 3},
+                    "ours_amp": {"samples_per_s": 1500.0, "wall_s": 30.0},
+                    "ours_amp_compiled": {"samples_per_s": 3600.0, "wall_s": 50.0,
+                                          "compile_s": 30.0, "compile_graphs": 2}}}))
     monkeypatch.setattr(train, "pick_amp_dtype", lambda *args: __import__("torch").float16)
-    for name in ("minilm_amp", "minilm_fp16", "torchrun_nccl"):
+    for name in ("minilm_eager", "minilm_compiled", "minilm_fp16"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, out / name, "--epochs", 1, "--amp"))
         (out / name / "seconds").write_text("42\n")
+    test_metrics = out / "minilm_compiled" / "test_metrics.json"  # as --compile writes it (not
+    test_metrics.write_text(json.dumps({  # compiled here: test_speed.py compiles, once)
+        **json.loads(test_metrics.read_text()), "compile_graphs": 2, "compile_s": 31.4}))
     (out / "tests_gpu").mkdir()
-    (out / "tests_gpu" / "log.txt").write_text("....\n4 passed in 9.1s\n")
+    (out / "tests_gpu" / "log.txt").write_text("....\n6 passed in 9.1s\n")
     lines = gpu_summary.main([str(out)])
     assert lines[0] == "# gpu_check: NVIDIA H200, 143771 MiB"
-    assert "ours_amp: 1500.0 samples/s (80 s per 120k-row epoch)" in lines[3]
-    assert "ours --amp / Trainer best: 1.50x" in lines[4]
-    accuracy = json.loads((out / "minilm_amp" / "test_metrics.json").read_text())["test_accuracy"]
-    assert lines[5].startswith("- minilm_amp: 42 s wall, fp16, ") and \
-        f"test accuracy {100 * accuracy:.2f} %, " in lines[5]
-    assert "steps skipped by the GradScaler" in lines[6]
-    assert lines[-1] == "- tests_gpu: 4 passed in 9.1s"
+    bench = [line for line in lines if line.startswith("- bench_b32")]
+    assert ("- bench_b32, bert-base shape (random init), ours_amp_compiled: 3600.0 samples/s, "
+            "50 s wall, compile 30 s (2 graphs)") in bench
+    assert bench[-1].startswith("- bench_b32: ours at its best (ours_amp_compiled) / the Trainer "
+                                "at its best (trainer_best_compiled): 3.00x; bf16")
+    assert any(line.startswith("- bench_b128: no result") for line in lines)
+    runs = {line.split(":")[0][2:]: line for line in lines if line.startswith("- minilm")}
+    accuracy = json.loads((out / "minilm_eager" / "test_metrics.json").read_text())
+    assert runs["minilm_eager"].startswith("- minilm_eager: 42 s wall, fp16, ") and \
+        f"test accuracy {100 * accuracy['test_accuracy']:.2f} %" in runs["minilm_eager"]
+    assert "compile" not in runs["minilm_eager"]
+    assert "compile 31 s (2 graphs)" in runs["minilm_compiled"]
+    assert "steps skipped by the GradScaler" in runs["minilm_fp16"]
+    assert runs["minilm_cudagraphs"].startswith("- minilm_cudagraphs: no result")
+    assert lines[-1] == "- tests_gpu: 6 passed in 9.1s"

@@ -45,9 +45,9 @@ def batch(pad_id=0):
     return collate(token_ids, [0, 1], pad_id)
 
 
-def training_step(model, optimizer, input_ids, attention_mask):
+def training_step(model, optimizer, input_ids, attention_mask, targets):
     logits = model(input_ids, attention_mask)
-    F.cross_entropy(logits.float(), torch.tensor([0, 1])).backward()
+    F.cross_entropy(logits.float(), targets).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -78,9 +78,10 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_model_dir):
     model = TopicClassifier(encoder, 4).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     input_ids, attention_mask = batch()
-    training_step(model, optimizer, input_ids, attention_mask)  # lazy state made outside
+    targets = torch.tensor([0, 1])
+    training_step(model, optimizer, input_ids, attention_mask, targets)  # lazy state made outside
     with ReadsBack() as reads:
-        grad_norm = training_step(model, optimizer, input_ids, attention_mask)
+        grad_norm = training_step(model, optimizer, input_ids, attention_mask, targets)
     assert reads.ops == [] and grad_norm > 0
     with ReadsBack() as reads:  # what the check sees when the encoder gets the 2-D mask
         model.encoder(input_ids=input_ids, attention_mask=attention_mask)
