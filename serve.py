@@ -111,15 +111,34 @@ def import_runtime():
     return onnxruntime, tokenizers
 
 
-def open_session(path, num_classes, threads=None):
-    """model.onnx -> an ONNX Runtime CPU session, or one line naming the file."""
+def session_options(threads=None):
+    """ONNX Runtime's session options as serving sets them. threads: intra-op threads (None: one
+    per core). The others are ONNX Runtime's defaults (sequential execution, memory arena, all
+    graph optimizations), the fastest of those tried on 2 cores (docs/serve.md)."""
     ort, _ = import_runtime()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return options
+
+
+# ONNX Runtime's graph rewrites that serving turns off: SkipLayerNormFusion makes each residual
+# Add + LayerNormalization one SkipLayerNormalization op, whose CPU kernel took 4x as long as the
+# two ops (onnxruntime 1.32, 2-core Xeon, (64, 48, 384) fp32: 2.6 against 0.7 ms); a quarter of
+# int8 MiniLM's time at batch 64 (docs/serve.md).
+SLOW_REWRITES = ["SkipLayerNormFusion"]
+
+
+def open_session(path, num_classes, threads=None, options=None, disabled=SLOW_REWRITES):
+    """model.onnx -> an ONNX Runtime CPU session, or one line naming the file. options: a
+    session_options() to use instead, and disabled: the graph rewrites to leave out (for a
+    benchmark or a profiler)."""
+    ort, _ = import_runtime()
+    options = options or session_options(threads)
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(disabled))
     except Exception as err:  # noqa: BLE001 (onnxruntime's own errors: a truncated or foreign file)
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise UserError(f"{path}: not a readable ONNX model ({type(err).__name__}: {first}); "
