@@ -153,7 +153,8 @@ def main(argv=None):
     size = (out / "model.onnx").stat().st_size / 2**20
     print(f"wrote {out}/: model.onnx ({manifest['precision']}, {size:,.1f} MiB), tokenizer.json, "
           f"export.json. Serve it: python predict.py --ckpt {out} \"some headline\"")
-    return {"out": str(out), "precision": manifest["precision"], **manifest["gates"]}
+    return {"out": str(out), "precision": manifest["precision"],
+            "fused_ops": manifest["fused_ops"], **manifest["gates"]}
 
 
 def check_out(out, overwrite):
@@ -214,7 +215,10 @@ def export_onnx(model, tokenizer, path):
     # two rows of different lengths, so padding and the mask are traced too
     ids = tokenize(tokenizer, ["an example to trace the graph with", "a shorter one"], 32)
     sample = collate(ids, [0, 1], tokenizer.pad_token_id)  # input_ids, attention_mask (2, T)
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    # Dim.DYNAMIC, not named Dims: torch 2.6's export refuses those for transformers 5's
+    # embeddings and masks (guards such as sequence != max_position_embeddings); the parity gate
+    # checks the graph on batches of many lengths.
+    batch = sequence = torch.export.Dim.DYNAMIC
     # The exporter logs progress, optional-op notes (torchvision) and shape-naming warnings.
     with warnings.catch_warnings(), quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
@@ -287,8 +291,8 @@ def plain_attention_mask(model, ir):
 
 
 def computed_from(value, source, max_constant=16):
-    """Whether value is computed from source and constants of at most max_constant elements
-    alone (no other graph input, no weights)."""
+    """Whether value is computed from source's values, tensor shapes and constants of at most
+    max_constant elements alone (no other input's values, no weights)."""
     seen, todo = set(), [value]
     while todo:
         v = todo.pop()
@@ -296,7 +300,8 @@ def computed_from(value, source, max_constant=16):
             continue
         seen.add(id(v))
         if v.producer() is not None:
-            todo.extend(v.producer().inputs)
+            if v.producer().op_type != "Shape":  # a shape reads no values
+                todo.extend(v.producer().inputs)
         elif v.is_graph_input() or v.const_value is None or v.const_value.size > max_constant:
             return False
     return True

@@ -160,16 +160,23 @@ def test_only_a_mask_computed_from_attention_mask_becomes_mask_index():
 
     graph = helper.make_graph(
         [helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
-         helper.make_node("Mul", ["m", "scale"], ["small"]),
-         helper.make_node("Add", ["small", "learned"], ["large"])], "g",
-        [helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", 64])],
-        [helper.make_tensor_value_info("large", TensorProto.FLOAT, None)],
+         helper.make_node("Shape", ["input_ids"], ["shape"]),  # another input's shape: fine
+         helper.make_node("Expand", ["m", "shape"], ["small"]),
+         helper.make_node("Mul", ["small", "scale"], ["scaled"]),
+         helper.make_node("Add", ["scaled", "learned"], ["large"]),
+         helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["scaled", "ids"], ["by_ids"])], "g",  # its values: not
+        [helper.make_tensor_value_info(name, TensorProto.INT64, ["B", 64])
+         for name in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+         for name in ("large", "by_ids")],
         [numpy_helper.from_array(np.float32([-1e4]), "scale"),
          numpy_helper.from_array(np.zeros(64, np.float32), "learned")])
     model = ir.from_proto(helper.make_model(graph))
-    mask, values = model.graph.inputs[0], {n.outputs[0].name: n.outputs[0] for n in model.graph}
-    assert export.computed_from(values["small"], mask)
+    mask, values = model.graph.inputs[1], {n.outputs[0].name: n.outputs[0] for n in model.graph}
+    assert export.computed_from(values["scaled"], mask)
     assert not export.computed_from(values["large"], mask)
+    assert not export.computed_from(values["by_ids"], mask)
 
 
 @pytest.mark.parametrize("kind, saver", [("distilbert", save_tiny_distilbert),
