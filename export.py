@@ -335,9 +335,9 @@ def quantize(fp32_path, int8_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with quiet_logger("root"):  # its advice to pre-process the graph, printed on every call
-        # per_channel: 0.18 points more test accuracy than one scale per matrix, at the same
-        # speed (MiniLM, docs/serve.md). ONNX's shape inference cannot type ONNX Runtime's own
-        # ops' outputs (Attention): the quantizer is told they are float.
+        # per_channel: MiniLM's test accuracy 88.12 %, against 87.94 % with one scale per matrix
+        # (docs/serve.md). ONNX's shape inference cannot type ONNX Runtime's own ops' outputs
+        # (Attention): the quantizer is told they are float.
         quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8, per_channel=True,
                          extra_options={"DefaultTensorType": TensorProto.FLOAT})
 
