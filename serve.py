@@ -4,11 +4,12 @@
     classify(["Stocks rally as the Fed holds rates"])  # (N, C) numpy array of probabilities
     classify, info = open_classifier(path)       # either: a folder here, a .pt file on torch
 
-An export folder holds model.onnx (fp32 or int8; inputs input_ids and attention_mask, (B, T)
-int64, any B and T; output logits, (B, C) fp32), tokenizer.json, and export.json: the format and
-what inference needs (class_names, max_length, clean, temperature, pad_id), the precision, where
-it came from and what export.py's gates measured. Only onnxruntime, tokenizers and numpy are
-needed (requirements-serve.txt), with basics.py and this file.
+An export folder holds model.onnx (fp32 or int8, its attention fused into ONNX Runtime's own ops;
+inputs input_ids and attention_mask, (B, T) int64, any B and T; output logits, (B, C) fp32),
+tokenizer.json, and export.json: the format and what inference needs (class_names, max_length,
+clean, temperature, pad_id), the precision, the fused ops, where it came from and what
+export.py's gates measured. Only onnxruntime, tokenizers and numpy are needed
+(requirements-serve.txt), with basics.py and this file.
 """
 import json
 from pathlib import Path
@@ -135,7 +136,7 @@ def open_session(path, num_classes, threads=None, options=None, disabled=SLOW_RE
     session_options() to use instead, and disabled: the graph rewrites to leave out (for a
     benchmark or a profiler)."""
     ort, _ = import_runtime()
-    options = options or session_options(threads)
+    options = session_options(threads) if options is None else options
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                        disabled_optimizers=list(disabled))
