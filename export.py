@@ -8,8 +8,10 @@ the folder as --ckpt).
 
 Writes DIR/model.onnx (torch's dynamo exporter; inputs input_ids and attention_mask, any batch
 and sequence length; output logits), DIR/tokenizer.json and DIR/export.json (class names, max
-length, clean-up, temperature, pad id, the gates' results; see serve.py). Two gates decide whether
-anything is written:
+length, clean-up, temperature, pad id, the fused ops, the gates' results; see serve.py).
+Before the gates, each layer's attention is fused into one ONNX Runtime Attention op
+(onnxscript's rewrite rules; --no-fuse keeps the exporter's graph), which --int8 then quantizes
+into QAttention. Two gates, both on the graph that is written, decide whether anything is:
 - parity: ONNX Runtime's fp32 logits, through serve.py's own tokenizer and batching, must equal
   torch's within 1e-4 on 64 texts of the checkpoint's validation split (or 64 built-in headlines
   when the run's train.csv is not at hand);
@@ -25,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,6 +53,8 @@ def build_parser():
                    help="folder with the run's train.csv, whose validation rows the gates use "
                         "(default: the run's --data-dir)")
     p.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep the exporter's graph: no fused Attention ops (slower)")
     return p
 
 
@@ -81,6 +86,9 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         export_onnx(model, tokenizer, tmp / "model.onnx")
+        if not args.no_fuse:
+            steps = fuse(tmp / "model.onnx")
+            print("fused: " + ", ".join(f"{k} {v}" for k, v in steps.items()) + " (ops matched)")
         # transformers leaves its last call's settings on the backend (export_onnx's max length
         # 32): store the checkpoint's own, for any runtime that reads tokenizer.json
         onnx_tokenizer = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
@@ -103,10 +111,12 @@ def main(argv=None):
         print(f"parity: max |logit difference| {diff:.2e} on {len(texts)} texts, ONNX Runtime "
               f"fp32 against torch (the limit is {PARITY_TOLERANCE:.0e})")
         if not diff <= PARITY_TOLERANCE:  # a NaN fails too
+            retry = "" if args.no_fuse else " (export.py --no-fuse skips the fusion)"
             raise UserError(f"parity gate: ONNX Runtime's logits differ from torch's by up to "
                             f"{diff:.2e} (the limit is {PARITY_TOLERANCE:.0e}); nothing was "
                             f"written. The exported graph does not compute what the checkpoint "
-                            f"does: please report it, with your torch and onnxruntime versions.")
+                            f"does{retry}: please report it, with your torch, onnxscript and "
+                            f"onnxruntime versions.")
         manifest["gates"] = {"parity_max_abs_diff": diff, "parity_texts": len(texts)}
 
         # ---- accuracy gate (--int8): int8 against fp32 on the validation split
@@ -133,6 +143,9 @@ def main(argv=None):
             print(f"accuracy on the {len(val[1])} validation rows: fp32 {accuracy['fp32']:.2%}")
         if val is not None:
             manifest["gates"].update(val_rows=len(val[1]), val_accuracy=accuracy)
+        manifest["fused_ops"] = fused_ops(tmp / "model.onnx")
+        print(f"fused ops in model.onnx ({manifest['precision']}): "
+              + (", ".join(f"{n} {op}" for op, n in manifest["fused_ops"].items()) or "none"))
         (tmp / "export.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         move_into_place(tmp, out)
     finally:
@@ -140,7 +153,8 @@ def main(argv=None):
     size = (out / "model.onnx").stat().st_size / 2**20
     print(f"wrote {out}/: model.onnx ({manifest['precision']}, {size:,.1f} MiB), tokenizer.json, "
           f"export.json. Serve it: python predict.py --ckpt {out} \"some headline\"")
-    return {"out": str(out), "precision": manifest["precision"], **manifest["gates"]}
+    return {"out": str(out), "precision": manifest["precision"],
+            "fused_ops": manifest["fused_ops"], **manifest["gates"]}
 
 
 def check_out(out, overwrite):
@@ -201,7 +215,10 @@ def export_onnx(model, tokenizer, path):
     # two rows of different lengths, so padding and the mask are traced too
     ids = tokenize(tokenizer, ["an example to trace the graph with", "a shorter one"], 32)
     sample = collate(ids, [0, 1], tokenizer.pad_token_id)  # input_ids, attention_mask (2, T)
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    # Dim.DYNAMIC, not named Dims: torch 2.6's export refuses those for transformers 5's
+    # embeddings and masks (guards such as sequence != max_position_embeddings); the parity gate
+    # checks the graph on batches of many lengths.
+    batch = sequence = torch.export.Dim.DYNAMIC
     # The exporter logs progress, optional-op notes (torchvision) and shape-naming warnings.
     with warnings.catch_warnings(), quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
@@ -210,6 +227,92 @@ def export_onnx(model, tokenizer, path):
                           dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}),
                           verbose=False)
     model.encoder.set_attn_implementation(standard)  # the parity gate's reference is torch's own
+
+
+def fuse(path):
+    """The exported graph, in place, with each layer's attention (Q, K, V projections, scores,
+    mask, softmax, context, heads merged) fused into one ONNX Runtime Attention op, which int8
+    quantizes into QAttention. -> {rewrite: times it matched}.
+
+    Only these of onnxscript's fusions for ONNX Runtime: its SkipLayerNormalization and BiasGelu
+    make int8 slower on a CPU (docs/serve.md: measured), and ONNX Runtime fuses what it likes of
+    the rest itself when a session loads the graph. The attention mask reaches the fused op as
+    a 4-D additive bias computed from attention_mask; QAttention takes no bias, only the plain
+    (B, T) 0/1 mask, so that is what the op gets (mask_index) when the bias is computed from
+    attention_mask alone."""
+    from onnxscript import ir, optimizer
+    from onnxscript.rewriter.ort_fusions import attention, mha, mha_bias, sdpa
+
+    model = ir.load(str(path))
+    ir.passes.common.ShapeInferencePass()(model)  # the rules check the shapes they match
+    optimizer.optimize(model)
+    steps = {"sdpa": sdpa.fuse_sdpa(model, apply_shape_inference=True),  # scores .. context
+             "mha": mha.fuse_mha1(model) + mha.fuse_mha2(model),  # + the heads' reshapes
+             "mha_bias": mha_bias.fuse_mha_bias(model),  # + the Q, K, V biases
+             "attention": attention.fuse_attention(model)}  # + the Q, K, V projections
+    # Each Attention's (H, 3H) weight is a Concat of the Q, K and V weights until folded into one
+    # (the quantizer takes only an initializer); the optimizer's size limits would keep it.
+    optimizer.fold_constants(model, should_fold=lambda node: packs_attention_weights(node) or None)
+    steps["mask_index"] = plain_attention_mask(model, ir)
+    optimizer.optimize(model)  # what the rewrites left unused goes
+    ir.save(model, str(path))
+    return steps
+
+
+def packs_attention_weights(node):
+    return node.op_type == "Concat" and any(use.node.op_type == "Attention"
+                                            for use in node.outputs[0].uses())
+
+
+def plain_attention_mask(model, ir):
+    """Each fused Attention that takes its mask as an additive bias computed from attention_mask
+    (and small constants) takes attention_mask itself, as int32 mask_index: in an encoder such a
+    bias is the padding mask (the parity gate's padded batches check it), and mask_index is the
+    form QAttention accepts. -> how many were changed."""
+    graph = model.graph
+    mask = next(v for v in graph.inputs if v.name == "attention_mask")  # (B, T) int64
+    # Attention's inputs: x, weights, bias, mask_index, past, attention_bias, past length
+    ops = [node for node in graph if node.op_type == "Attention" and node.domain == "com.microsoft"
+           and len(node.inputs) >= 6 and node.inputs[5] is not None
+           and all(node.inputs[i] is None for i in (3, 4, *range(6, len(node.inputs))))
+           and computed_from(node.inputs[5], mask)]
+    if not ops:
+        return 0
+    cast = ir.node("Cast", [mask], {"to": ir.DataType.INT32}, name="attention_mask_int32")
+    cast.outputs[0].name = "attention_mask_int32"
+    graph.insert_before(graph.node(0), cast)
+    for node in ops:
+        node.replace_input_with(3, cast.outputs[0])  # mask_index: (B, T) int32
+        node.replace_input_with(5, None)  # no attention bias
+        sizes = node.attributes.get("qkv_hidden_sizes")  # the quantizer skips ops that have it
+        if sizes is not None and len(set(sizes.as_ints())) == 1:
+            del node.attributes["qkv_hidden_sizes"]
+    return len(ops)
+
+
+def computed_from(value, source, max_constant=16):
+    """Whether value is computed from source's values, tensor shapes and constants of at most
+    max_constant elements alone (no other input's values, no weights)."""
+    seen, todo = set(), [value]
+    while todo:
+        v = todo.pop()
+        if v is None or v is source or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.producer() is not None:
+            if v.producer().op_type != "Shape":  # a shape reads no values
+                todo.extend(v.producer().inputs)
+        elif v.is_graph_input() or v.const_value is None or v.const_value.size > max_constant:
+            return False
+    return True
+
+
+def fused_ops(path):
+    """{ONNX Runtime's own op type: count} in the graph file (Attention, QAttention, ...)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(Counter(n.op_type for n in graph.node if n.domain == "com.microsoft"))
 
 
 @contextmanager
@@ -225,12 +328,18 @@ def quiet_logger(name):
 
 
 def quantize(fp32_path, int8_path):
-    """ONNX Runtime's dynamic quantization: int8 weights for every MatMul/Gemm with constant
-    weights; activations quantized per batch at run time, so no calibration data is needed."""
+    """ONNX Runtime's dynamic quantization: int8 weights, one scale per output channel, for every
+    MatMul/Gemm with constant weights and every Attention op (-> QAttention); activations
+    quantized per batch at run time, so no calibration data is needed."""
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with quiet_logger("root"):  # its advice to pre-process the graph, printed on every call
-        quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+        # per_channel: MiniLM's test accuracy 88.12 %, against 87.94 % with one scale per matrix
+        # (docs/serve.md). ONNX's shape inference cannot type ONNX Runtime's own ops' outputs
+        # (Attention): the quantizer is told they are float.
+        quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
 
 
 def score(logits, labels):

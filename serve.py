@@ -3,11 +3,12 @@
     classify, info = load_export("export/")      # what model.load_classifier gives for best.pt
     classify(["Stocks rally as the Fed holds rates"])  # (N, C) numpy array of probabilities
 
-An export folder holds model.onnx (fp32 or int8; inputs input_ids and attention_mask, (B, T)
-int64, any B and T; output logits, (B, C) fp32), tokenizer.json, and export.json: the format and
-what inference needs (class_names, max_length, clean, temperature, pad_id), the precision, where
-it came from and what export.py's gates measured. Only onnxruntime, tokenizers and numpy are
-needed (requirements-serve.txt), with basics.py and this file.
+An export folder holds model.onnx (fp32 or int8, its attention fused into ONNX Runtime's own ops;
+inputs input_ids and attention_mask, (B, T) int64, any B and T; output logits, (B, C) fp32),
+tokenizer.json, and export.json: the format and what inference needs (class_names, max_length,
+clean, temperature, pad_id), the precision, the fused ops, where it came from and what
+export.py's gates measured. Only onnxruntime, tokenizers and numpy are needed
+(requirements-serve.txt), with basics.py and this file.
 """
 import json
 from pathlib import Path
@@ -39,14 +40,14 @@ HEADLINES = [
 ]
 
 
-def load_export(folder, threads=None):
+def load_export(folder, threads=None, **session):
     """An export folder -> (classify, info): classify(texts, batch_size=64) -> (N, C) probabilities,
     softmax(logits / temperature), rows in input order, the texts cleaned and truncated as in
     training. info: export.json's contents. threads: ONNX Runtime's intra-op threads (None: one
-    per core)."""
+    per core); **session: open_session's options and disabled (a benchmark's)."""
     folder = Path(folder)
     info = read_manifest(folder)
-    session = open_session(folder / "model.onnx", len(info["class_names"]), threads)
+    session = open_session(folder / "model.onnx", len(info["class_names"]), threads, **session)
     tokenizer = open_tokenizer(folder / "tokenizer.json", info["max_length"])
 
     def classify(texts, batch_size=64):
@@ -88,15 +89,34 @@ def import_runtime():
     return onnxruntime, tokenizers
 
 
-def open_session(path, num_classes, threads=None):
-    """model.onnx -> an ONNX Runtime CPU session, or one line naming the file."""
+def session_options(threads=None):
+    """ONNX Runtime's session options as serving sets them. threads: intra-op threads (None: one
+    per core). The others are ONNX Runtime's defaults (sequential execution, memory arena, all
+    graph optimizations), the fastest of those tried on 2 cores (docs/serve.md)."""
     ort, _ = import_runtime()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return options
+
+
+# ONNX Runtime's graph rewrites that serving turns off: SkipLayerNormFusion makes each residual
+# Add + LayerNormalization one SkipLayerNormalization op, whose CPU kernel took 4x as long as the
+# two ops (onnxruntime 1.32, 2-core Xeon, (64, 48, 384) fp32: 2.6 against 0.7 ms); a quarter of
+# int8 MiniLM's time at batch 64 (docs/serve.md).
+SLOW_REWRITES = ["SkipLayerNormFusion"]
+
+
+def open_session(path, num_classes, threads=None, options=None, disabled=SLOW_REWRITES):
+    """model.onnx -> an ONNX Runtime CPU session, or one line naming the file. options: a
+    session_options() to use instead, and disabled: the graph rewrites to leave out (for a
+    benchmark or a profiler)."""
+    ort, _ = import_runtime()
+    options = session_options(threads) if options is None else options
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=list(disabled))
     except Exception as err:  # noqa: BLE001 (onnxruntime's own errors: a truncated or foreign file)
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise UserError(f"{path}: not a readable ONNX model ({type(err).__name__}: {first}); "

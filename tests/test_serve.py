@@ -1,5 +1,6 @@
-"""export.py and the torch-free serving path (serve.py): the ONNX graph computes what the checkpoint
-does, the two gates refuse what they should, and predict.py runs on an export without torch."""
+"""export.py and the torch-free serving path (serve.py): the ONNX graph, its attention fused,
+computes what the checkpoint does, the two gates refuse what they should, and predict.py runs on an
+export without torch."""
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import onnx
 import pytest
 import torch
 from conftest import train_tiny
+from test_encoders import save_tiny_distilbert, save_tiny_roberta
 
 import export
 import serve
@@ -68,6 +70,8 @@ def test_export_matches_torch_through_the_serving_path(run, exported):
         k: state[k] for k in ("class_names", "max_length", "clean", "temperature")}
     assert manifest["precision"] == "fp32"
     assert manifest["source"]["step"] == state["position"]["step"]
+    # what follows runs on the fused graph: each of the 2 layers' attention is one op
+    assert manifest["fused_ops"] == {"Attention": 2}
 
     onnx_classify, _ = serve.load_export(folder)
     torch_classify, _ = load_classifier(ckpt, "cpu")
@@ -104,14 +108,90 @@ def test_int8_export_passes_the_accuracy_gate_and_is_smaller(exported):
         k: result[k] for k in manifest["gates"]}
     accuracy = result["val_accuracy"]
     assert result["val_rows"] == 64 and accuracy["fp32"] - accuracy["int8"] <= 0.01
-    # every linear layer now has int8 weights: 2 layers x (query, key, value, attention output,
-    # 2 feed-forward), and the head
+    # every linear layer now has int8 weights: per layer, query, key and value in the quantized
+    # attention op, and the attention output and 2 feed-forward as int8 matrix products; the head
     ops = {name: Counter(n.op_type for n in onnx.load(folder / "model.onnx").graph.node)
            for name, folder in (("fp32", fp32), ("int8", int8))}
-    assert ops["fp32"]["MatMulInteger"] == 0 and ops["int8"]["MatMulInteger"] == 2 * 6 + 1
+    assert ops["fp32"]["MatMulInteger"] == 0 and ops["int8"]["MatMulInteger"] == 2 * 3 + 1
+    assert manifest["fused_ops"] == {"QAttention": 2} and ops["int8"]["QAttention"] == 2
     classify, _ = serve.load_export(int8)
     assert classify(TEXTS).argmax(-1).tolist() == serve.load_export(fp32)[0](TEXTS).argmax(
         -1).tolist()
+
+
+def test_no_fuse_keeps_the_exporters_graph_and_computes_the_same(run, exported, tmp_path,
+                                                                 capsys):
+    ckpt, _ = run
+    result = export.main(["--ckpt", ckpt, "--out", tmp_path / "plain", "--no-fuse"])
+    assert "fused:" not in capsys.readouterr().out and result["parity_max_abs_diff"] <= 1e-4
+    plain = tmp_path / "plain"
+    ops = Counter(n.op_type for n in onnx.load(plain / "model.onnx").graph.node)
+    assert json.loads((plain / "export.json").read_text())["fused_ops"] == {}
+    assert ops["Softmax"] == 2 and ops["Attention"] == 0  # each layer's attention, op by op
+    np.testing.assert_allclose(serve.load_export(plain)[0](TEXTS),
+                               serve.load_export(exported["fp32"][0])[0](TEXTS), atol=1e-5, rtol=0)
+
+
+def test_the_export_prints_the_fusions_that_fired(run, tmp_path, capsys):
+    export.main(["--ckpt", run[0], "--out", tmp_path / "int8", "--int8"])
+    out = capsys.readouterr().out
+    assert "fused: sdpa 2, mha 2, mha_bias 2, attention 2, mask_index 2 (ops matched)" in out
+    assert "fused ops in model.onnx (int8): 2 QAttention" in out
+
+
+def test_serving_leaves_layer_norm_unfused(exported, tmp_path):
+    """ONNX Runtime would rewrite each residual Add + LayerNormalization into its slower
+    SkipLayerNormalization; serve.py's session keeps them apart."""
+    def optimized_ops(**kwargs):
+        options = serve.session_options()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        serve.open_session(exported["int8"][0] / "model.onnx", 4, options=options, **kwargs)
+        return Counter(n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node)
+
+    served = optimized_ops()
+    assert served["SkipLayerNormalization"] == 0 and served["LayerNormalization"] == 2 * 2 + 1
+    assert optimized_ops(disabled=[])["SkipLayerNormalization"] == 2 * 2  # what it would do
+
+
+def test_only_a_mask_computed_from_attention_mask_becomes_mask_index():
+    """A bias that also reads a weight (a learned position bias, say) is not a padding mask."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxscript import ir
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+         helper.make_node("Shape", ["input_ids"], ["shape"]),  # another input's shape: fine
+         helper.make_node("Expand", ["m", "shape"], ["small"]),
+         helper.make_node("Mul", ["small", "scale"], ["scaled"]),
+         helper.make_node("Add", ["scaled", "learned"], ["large"]),
+         helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["scaled", "ids"], ["by_ids"])], "g",  # its values: not
+        [helper.make_tensor_value_info(name, TensorProto.INT64, ["B", 64])
+         for name in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+         for name in ("large", "by_ids")],
+        [numpy_helper.from_array(np.float32([-1e4]), "scale"),
+         numpy_helper.from_array(np.zeros(64, np.float32), "learned")])
+    model = ir.from_proto(helper.make_model(graph))
+    mask, values = model.graph.inputs[1], {n.outputs[0].name: n.outputs[0] for n in model.graph}
+    assert export.computed_from(values["scaled"], mask)
+    assert not export.computed_from(values["large"], mask)
+    assert not export.computed_from(values["by_ids"], mask)
+
+
+@pytest.mark.parametrize("kind, saver", [("distilbert", save_tiny_distilbert),
+                                         ("roberta", save_tiny_roberta)])
+def test_other_encoders_export_fused_and_match_torch(kind, saver, tmp_path_factory):
+    """The fusion matches each tested architecture's graph; export.py's parity gate holds."""
+    model_dir = saver(tmp_path_factory.mktemp(kind), dropout=0.1)
+    run_dir, _ = train_tiny(model_dir, tmp_path_factory, epochs=1)
+    out = tmp_path_factory.mktemp("export") / kind
+    result = export.main(["--ckpt", run_dir / "best.pt", "--out", out, "--int8"])
+    assert json.loads((out / "export.json").read_text())["fused_ops"] == {"QAttention": 2}
+    assert result["parity_max_abs_diff"] <= 1e-4  # the fused fp32 graph
+    np.testing.assert_allclose(serve.load_export(out)[0](TEXTS, batch_size=3),  # padded batches
+                               load_classifier(run_dir / "best.pt", "cpu")[0](TEXTS).numpy(),
+                               atol=0.05, rtol=0)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
