@@ -141,8 +141,9 @@ def speed_up(model, device, compile_mode):
     """train.py's speed tricks, switched on by its one line, apart from the model. With --compile:
     torch.compile of every call of model(...) (training and evaluation), in place, so that its
     state_dict keeps its names; "reduce-overhead" adds CUDA graphs. Else, on a CPU, cpu_speed.py's
-    levers (measured faster there than compiling: benchmarks/README.md). -> a function that gives
-    what compiling has cost since: {"compile_graphs": graphs made, "compile_s": seconds}."""
+    levers (measured faster there than compiling: benchmarks/README.md). -> a function that says
+    what compiling has cost since, in one line, and returns it: {"compile_graphs": graphs made,
+    "compile_s": seconds}; {} without --compile."""
     import cpu_speed  # here: it imports model.py, which imports this file
 
     if compile_mode == "off":
@@ -158,8 +159,14 @@ def speed_up(model, device, compile_mode):
     # dynamic: one graph serves every (batch, length), whatever order the shapes come in, so a
     # resumed run runs the very kernels an unbroken one does
     model.compile(mode=compile_mode, dynamic=True)
-    return lambda: {"compile_graphs": compile_counts()[0] - graphs,
-                    "compile_s": round(compile_counts()[1] - seconds, 1)}
+
+    def report():
+        now = compile_counts()
+        figures = {"compile_graphs": now[0] - graphs, "compile_s": round(now[1] - seconds, 1)}
+        print(f"--compile {compile_mode}: {figures['compile_graphs']} graphs compiled in "
+              f"{figures['compile_s']} s")
+        return figures
+    return report
 
 
 def compile_counts():

@@ -95,10 +95,13 @@ def encoder_mask(attention_mask, config):
     Given the 2-D mask, transformers' SDPA path asks whether any token is padding
     (padding_mask.all()): a GPU->CPU sync on every forward, which stalls the host until the GPU
     has caught up. A 4-D mask goes through unread: (B, 1, 1, T), True where a token may be
-    attended to (SDPA), or 0 there and the dtype's minimum elsewhere (eager attention)."""
+    attended to (SDPA), or 0 there and the dtype's minimum elsewhere (eager attention). Traced
+    (--compile, export.py's ONNX export), transformers skips that check and builds its own mask,
+    the form ONNX fusions know: the 2-D mask is left to it."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-    if config.model_type not in STANDARD_ATTENTION_MODEL_TYPES:
+    if (config.model_type not in STANDARD_ATTENTION_MODEL_TYPES
+            or torch.compiler.is_compiling()):
         return attention_mask
     mask_kind = ALL_MASK_ATTENTION_FUNCTIONS.get(config._attn_implementation)
     keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)

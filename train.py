@@ -102,7 +102,7 @@ def run(args, stop, rank, world, device):
 
     # ---- model, optimizer, LR schedule
     model = TopicClassifier(encoder, len(class_names), args.dropout).to(device)
-    compile_figures = speed_up(model, device, args.compile)  # --compile, or the CPU's levers
+    compile_report = speed_up(model, device, args.compile)  # --compile, or the CPU's levers
     if rank == 0:
         check_room(out_dir, model)
     optimizer = make_optimizer(model, args)
@@ -209,7 +209,7 @@ def run(args, stop, rank, world, device):
     log.evaluation("test", at["step"], metrics)
     log.close()
     result = {"val_accuracy": at["best_val_accuracy"], "temperature": best["temperature"],
-              **{f"test_{k}": v for k, v in metrics.items()}, **compile_figures()}
+              **{f"test_{k}": v for k, v in metrics.items()}, **compile_report()}
     (out_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": "best.pt", **result},
                                                           indent=1))
     print(f"best.pt: val accuracy {result['val_accuracy']:.4f}, test accuracy "
@@ -235,9 +235,8 @@ def build_parser():
     p.add_argument("--dropout", type=non_negative(float), default=0.1, help="before the head")
     add_device_flags(p)
     p.add_argument("--max-length", type=positive(int), default=128, help="tokens kept per text")
-    p.add_argument("--compile", nargs="?", const="default", default="off",
-                   choices=["off", "default", "reduce-overhead"], help="torch.compile the model "
-                   "(a GPU's step waits less on Python); reduce-overhead: with CUDA graphs")
+    p.add_argument("--compile", nargs="?", const="default", default="off", choices=[
+        "off", "default", "reduce-overhead"], help="torch.compile; reduce-overhead: + CUDA graphs")
     p.add_argument("--class-weights", choices=["none", "balanced"], default="none",
                    help="balanced: weight each class's loss by inverse class frequency")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,

@@ -33,7 +33,8 @@ torch.compile spent and made, from a cold cache (each set-up compiles into a fre
 Model FLOP/s = (6 x non-embedding parameters + 12 x layers x hidden x mean length) x real
 tokens/s, against the matmul peak of the fastest precision here (bf16; fp16 on GPUs without bf16;
 fp32 on CPUs without bf16 units, and when every set-up run is in fp32) measured here at the
-model's own GEMM shapes. "vs Trainer's best": against the fastest trainer_best* set-up run.
+model's own GEMM shapes. "vs Trainer's best": against the fastest trainer_best* set-up run in
+the same precision (fp32 against fp32), compiled or not.
 """
 import argparse
 import inspect
@@ -305,9 +306,9 @@ def report(results, args, config, mean_len, device):
           f"mean {mean_len:.1f} real tokens/row; "
           f"{half} matmul peak at the model's shapes {peak:.0f} GFLOP/s\n")
     base = results.get("trainer_default", {}).get("samples_per_s")
-    # the Trainer at its best here: the fastest of its best set-ups run, compiled or not
-    best = max((r["samples_per_s"] for n, r in results.items() if n.startswith("trainer_best")),
-               default=None)
+    def trainers_best(name):  # the fastest trainer_best* run in name's precision, compiled or not
+        return max((r["samples_per_s"] for n, r in results.items() if n.startswith("trainer_best")
+                    and (n in FP32_SETUPS) == (name in FP32_SETUPS)), default=None)
     print("| set-up | samples/s | real tokens/s | vs Trainer default | vs Trainer's best "
           f"| model GFLOP/s | % of {half} peak | s per 120k-row epoch | wall s | compile s "
           "(graphs) | test accuracy |")
@@ -315,7 +316,8 @@ def report(results, args, config, mean_len, device):
     for name, r in results.items():
         gflops = flops_per_token * r["samples_per_s"] * mean_len / 1e9
         acc = f"{100 * r['test_accuracy']:.2f} %" if args.full_epoch else "-"
-        ratios = [f"{r['samples_per_s'] / x:.2f}x" if x else "-" for x in (base, best)]
+        ratios = [f"{r['samples_per_s'] / x:.2f}x" if x else "-"
+                  for x in (base, trainers_best(name))]
         compiled = f"{r['compile_s']:.0f} ({r['compile_graphs']})" if "compile_s" in r else "-"
         print(f"| {name} | {r['samples_per_s']:.1f} | {r['samples_per_s'] * mean_len:.0f} | "
               f"{' | '.join(ratios)} | {gflops:.0f} | {100 * gflops / peak:.0f} % | "

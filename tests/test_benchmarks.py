@@ -36,6 +36,12 @@ def test_the_trainers_best_fp32_against_ours_end_to_end(tiny_model_dir, tiny_dat
     assert all(r["samples_per_s"] > 0 for r in summary["results"].values())
     out = capsys.readouterr().out
     assert "| % of fp32 peak |" in out and "(native bf16: no)" in out
+    # "vs Trainer's best": fp32 against the Trainer's best fp32 set-up; no bf16 Trainer ran
+    speed = {name: r["samples_per_s"] for name, r in summary["results"].items()}
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in out.splitlines()
+            if line.startswith(("| ours", "| trainer"))}
+    assert rows["ours_fp32"][4] == f"{speed['ours_fp32'] / speed['trainer_best_fp32']:.2f}x"
+    assert rows["trainer_best_fp32"][4] == "1.00x" and rows["ours_amp"][4] == "-"
     # --amp on a CPU without native bf16: train.py's own choice, fp32, not emulated bf16
     assert "--amp runs in fp32" in out
 
