@@ -19,11 +19,11 @@ MARKDOWN = [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md")), ROOT / "benchma
             *sorted(ROOT.glob("data/*/README.md"))]
 CODE = [*sorted(ROOT.glob("*.py")), *sorted(ROOT.glob("benchmarks/*.py")),
         *sorted(ROOT.glob("benchmarks/*.sh"))]
-# Flags of the other tools the docs show: torchrun's, pip's, git's, nvidia-smi's, gpu_check.sh's
-# own, and one the benchmarks' README says train.py does not have.
+# Flags of the other tools the docs and code show: torchrun's, pip's, git's, nvidia-smi's and
+# gpu_check.sh's own.
 OTHER_TOOLS = {"--standalone", "--nproc_per_node", "--nnodes", "--rdzv-id", "--rdzv-endpoint",
                "--rdzv-backend", "--no-deps", "--no-cache-dir", "--depth", "--short",
-               "--query-gpu", "--dry-run", "--compile"}
+               "--show-toplevel", "--query-gpu", "--dry-run"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
 
 
