@@ -142,8 +142,11 @@ def test_compiled_training_resumes_exactly_and_saves_plain_weights(tiny_model_di
     their names; eager and compiled runs do not mix."""
     flags = ("--epochs", 2, "--save-every", 3, "--compile")
     straight = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *flags))
-    # one graph for training and one for evaluation serve every length (padded to x16)
-    assert 1 <= straight["compile_graphs"] <= 2 and straight["compile_s"] > 0
+    # one graph for training and one for evaluation serve every length (padded to x16); torch
+    # 2.6 with transformers 5.0 (the floors) breaks transformers' forward in two and specializes
+    # a few shape relations: 6 graphs there, still far fewer than one per shape
+    most = 2 if torch.__version__ >= "2.13" else 8
+    assert 1 <= straight["compile_graphs"] <= most and straight["compile_s"] > 0
     real_save, saves = train.save_checkpoint, []
 
     def save_then_crash(state, path):
