@@ -132,24 +132,34 @@ def pad_multiple(device, amp_dtype, model):
     most max_length / 16 lengths (CUDA graphs record one graph per shape). Else 8 under mixed
     precision on a GPU, where tensor cores want such shapes; 1 on a CPU, where the extra padding
     is only extra work."""
-    if getattr(model, "_compiled_call_impl", None) is not None:  # nn.Module.compile() ran
+    if is_compiled(model):
         return 16
     return 8 if device.type == "cuda" and amp_dtype is not None else 1
 
 
-def speed_up(model, device, compile_mode):
+def is_compiled(model):
+    return getattr(model, "_compiled_call_impl", None) is not None  # nn.Module.compile() ran
+
+
+def speed_up(model, device, args):
     """train.py's speed tricks, switched on by its one line, apart from the model. With --compile:
     torch.compile of every call of model(...) (training and evaluation), in place, so that its
     state_dict keeps its names; "reduce-overhead" adds CUDA graphs. Else, on a CPU, cpu_speed.py's
-    levers (measured faster there than compiling: benchmarks/README.md). -> a function that says
-    what compiling has cost since, in one line, and returns it: {"compile_graphs": graphs made,
-    "compile_s": seconds}; {} without --compile."""
+    levers (measured faster there than compiling: benchmarks/README.md). args: train.py's flags.
+    -> a function that says what compiling has cost since, in one line, and returns it:
+    {"compile_graphs": graphs made, "compile_s": seconds}; {} without --compile."""
     import cpu_speed  # here: it imports model.py, which imports this file
 
+    compile_mode = args.compile
     if compile_mode == "off":
         if device.type == "cpu":
             cpu_speed.speed_up_cpu_training(model)  # the same dropout, drawn faster
-        return dict
+        return dict  # -> {}: nothing compiled
+    if compile_mode == "reduce-overhead" and args.grad_accum_steps > 1:
+        # each micro-batch's replay would write its gradients over the one before
+        raise UserError("--compile reduce-overhead: CUDA graphs reuse their memory every "
+                        "micro-batch, so they cannot accumulate gradients; drop "
+                        "--grad-accum-steps, or use --compile")
     if compile_mode == "reduce-overhead" and device.type != "cuda":
         raise UserError(f"--compile reduce-overhead: CUDA graphs need a CUDA GPU, not "
                         f"{device.type}; use --compile")

@@ -55,8 +55,9 @@ def eager_attention_cpu_dropout(module, query, key, value, attention_mask, scali
                                 dropout=0.0, **kwargs):
     """transformers' eager attention, with cpu_dropout on the attention probabilities; SDPA when
     there is no dropout. query, key, value: (B, heads, T, head_dim) -> (B, T, heads, head_dim).
-    attention_mask: additive float, (B, 1, T, T), from the eager mask function that
-    use_cpu_dropout registers with this one."""
+    attention_mask: additive float, (B, 1, 1, T) from model.encoder_mask, or (B, 1, T, T) from the
+    eager mask function that use_cpu_dropout registers with this one (traced, or a bare encoder).
+    The query may be the first token's alone (B, heads, 1, head_dim): model.py's last layer."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if not module.training or dropout == 0:

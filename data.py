@@ -464,11 +464,11 @@ def step_batches(lengths, batch_size, world_size, accum_steps, seed, epoch, grou
     return steps
 
 
-def collate(token_ids, rows, pad_id, pad_multiple=1):
-    """Pad the given rows to their longest (rounded up to pad_multiple) -> input_ids,
-    attention_mask (B, T)."""
+def collate(token_ids, rows, pad_id, pad_multiple=1, max_width=None):
+    """Pad the given rows to their longest (rounded up to pad_multiple, but never past max_width:
+    the positions the model has) -> input_ids, attention_mask (B, T)."""
     longest = max(len(token_ids[i]) for i in rows)
-    width = -(-longest // pad_multiple) * pad_multiple
+    width = max(longest, min(-(-longest // pad_multiple) * pad_multiple, max_width or 1 << 30))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, i in enumerate(rows):

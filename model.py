@@ -31,6 +31,7 @@ from basics import UserError, check_format, clean_texts
 from common import (
     atomic_save,
     autocast,
+    is_compiled,
     pad_multiple,
     pick_device_and_amp_dtype,
     to_device,
@@ -86,6 +87,9 @@ class MeanPooled(nn.Module):
         # (B, T, H)
         hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask(
             attention_mask, self.encoder.config)).last_hidden_state
+        if hidden.shape[1] != attention_mask.shape[1]:
+            raise ValueError("MeanPooled needs an encoder whose last layer computes every token, "
+                             "not the encoder of a TopicClassifier (its [CLS] alone)")
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
 
@@ -98,18 +102,24 @@ def encoder_mask(attention_mask, config):
     attended to (SDPA), or 0 there and the dtype's minimum elsewhere (eager attention). Traced
     (--compile, export.py's ONNX export), transformers skips that check and builds its own mask,
     the form ONNX fusions know: the 2-D mask is left to it."""
+    kind = mask_kind(config._attn_implementation)
+    if (config.model_type not in STANDARD_ATTENTION_MODEL_TYPES or kind is None
+            or torch.compiler.is_compiling()):
+        return attention_mask  # flash attention's kernels take the 2-D mask themselves
+    keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+    if kind == "bool":
+        return keep
+    # fp32, as transformers makes it: added to the attention scores
+    return torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, FP32_MIN)
+
+
+def mask_kind(attention_implementation):
+    """The 4-D mask an attention implementation takes: "bool" (SDPA), "additive" (eager ones,
+    cpu_speed.py's among them), None (others: flash attention's 2-D mask, flex's block mask)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
-    if (config.model_type not in STANDARD_ATTENTION_MODEL_TYPES
-            or torch.compiler.is_compiling()):
-        return attention_mask
-    mask_kind = ALL_MASK_ATTENTION_FUNCTIONS.get(config._attn_implementation)
-    keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
-    if mask_kind is sdpa_mask:
-        return keep
-    if mask_kind is eager_mask:  # fp32, as transformers makes it: added to the attention scores
-        return torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, FP32_MIN)
-    return attention_mask  # flash attention's kernels take the 2-D mask themselves
+    function = ALL_MASK_ATTENTION_FUNCTIONS.get(attention_implementation)
+    return "bool" if function is sdpa_mask else "additive" if function is eager_mask else None
 
 
 def compute_first_token_only_in_last_layer(encoder):
@@ -143,6 +153,10 @@ def first_token_layer_forward(layer, hidden_states, attention_mask=None, *args, 
         return x.view(*x.shape[:2], -1, attention.attention_head_size).transpose(1, 2)
 
     implementation = attention.config._attn_implementation
+    if mask_kind(implementation) is None or not (attention_mask is None
+                                                 or attention_mask.ndim == 4):
+        # flash attention's 2-D mask and kernels, flex attention's block mask: every token
+        return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)
     attend = (ALL_ATTENTION_FUNCTIONS[implementation] if implementation != "eager"
               else sys.modules[type(attention).__module__].eager_attention_forward)
     mask = None if attention_mask is None else attention_mask[:, :, :1]  # (B, 1, 1, T)
@@ -199,9 +213,13 @@ def infer(model, token_ids, pad_id, device, amp_dtype=None, batch_size=128, fn="
     was_training = model.training
     model.eval()
     chunks, order = [], []
-    for rows in batch_order([len(t) for t in token_ids], batch_size, shuffle=False):
+    lengths = [len(t) for t in token_ids]
+    multiple, compiled = pad_multiple(device, amp_dtype, model), is_compiled(model)
+    for rows in batch_order(lengths, batch_size, shuffle=False):
         input_ids, attention_mask = to_device(
-            collate(token_ids, rows, pad_id, pad_multiple(device, amp_dtype, model)), device)
+            collate(token_ids, rows, pad_id, multiple, max(lengths)), device)
+        if compiled:  # CUDA graphs (--compile reduce-overhead): this batch may reuse the last's
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp_dtype):
             if fn == "logits":
                 out = model(input_ids, attention_mask)

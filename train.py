@@ -102,7 +102,7 @@ def run(args, stop, rank, world, device):
 
     # ---- model, optimizer, LR schedule
     model = TopicClassifier(encoder, len(class_names), args.dropout).to(device)
-    compile_report = speed_up(model, device, args.compile)  # --compile, or the CPU's levers
+    compile_report = speed_up(model, device, args)  # --compile, or the CPU's levers
     if rank == 0:
         check_room(out_dir, model)
     optimizer = make_optimizer(model, args)
@@ -151,7 +151,8 @@ def run(args, stop, rank, world, device):
         for i, rows in enumerate(micro_batches):
             rows = rows[rank::world]  # this process's share
             input_ids, attention_mask, targets = to_device(  # (B, T), (B, T), (B,)
-                [*collate(train_ids, rows, pad_id, multiple), train_labels[rows]], device)
+                [*collate(train_ids, rows, pad_id, multiple, args.max_length),
+                 train_labels[rows]], device)
             if args.compile == "reduce-overhead":  # CUDA graphs: a new step, memory reused
                 torch.compiler.cudagraph_mark_step_begin()
             with distributed.sync_unless(train_model, i == len(micro_batches) - 1):  # collective
@@ -252,8 +253,7 @@ def build_parser():
     p.add_argument("--save-every", type=non_negative(int), default=0,
                    help="also write last.pt every N steps")
     p.add_argument("--resume", action="store_true", help="continue from last.pt in --output-dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace another run's best.pt and last.pt in --output-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints")
     return p
 
 

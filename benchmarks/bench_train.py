@@ -28,8 +28,10 @@ emulated there (3x slower than fp32): a set-up in emulated bf16 runs only when n
 
 Samples/s are steady-state (the first steps, which pay for warm-up and compiling, are not timed);
 wall s is the set-up's whole run, compile seconds included; compile s and graphs are what
-torch.compile spent and made, from a cold cache (each set-up compiles into a fresh folder, unless
---compile-cache names one a previous run filled).
+torch.compile spent and made, each set-up compiling into a fresh inductor cache folder (unless
+--compile-cache names one a previous run filled) after torch._dynamo.reset(); on a GPU, Triton's
+kernel cache and inductor's in-memory caches outlive that within a run, so a later compiled
+set-up may compile a little faster than from cold.
 Model FLOP/s = (6 x non-embedding parameters + 12 x layers x hidden x mean length) x real
 tokens/s, against the matmul peak of the fastest precision here (bf16; fp16 on GPUs without bf16;
 fp32 on CPUs without bf16 units, and when every set-up run is in fp32) measured here at the
@@ -98,15 +100,19 @@ def build_parser():
 
 
 def prepare_data(args, work):
-    """A data folder whose train.csv holds exactly the rows to train on, plus 64 validation rows."""
+    """A data folder whose train.csv holds exactly the rows to train on, plus 64 validation rows:
+    --steps batches of them (the rows repeated where the file has fewer: a big --batch-size still
+    runs --steps steps), or the whole file with --full-epoch."""
     src = Path(args.data_dir)
     if not (src / "train.csv").is_file() or not (src / "test.csv").is_file():
         raise UserError(f"--data-dir {src}: needs train.csv and test.csv (e.g. AG News, or its "
                         "6,000-row stand-in)")
-    lines = (src / "train.csv").read_text(encoding="utf-8").splitlines(keepends=True)
-    n = len(lines) if args.full_epoch else min(len(lines), args.steps * args.batch_size + 64)
+    lines = [line.rstrip("\r\n") + "\n" for line in
+             (src / "train.csv").read_text(encoding="utf-8").splitlines()]
+    n = len(lines) if args.full_epoch else args.steps * args.batch_size + 64
     (work / "data").mkdir()
-    (work / "data" / "train.csv").write_text("".join(lines[:n]), encoding="utf-8")
+    (work / "data" / "train.csv").write_text("".join((lines * -(-n // len(lines)))[:n]),
+                                             encoding="utf-8")
     test_lines = (src / "test.csv").read_text(encoding="utf-8").splitlines(keepends=True)
     (work / "data" / "test.csv").write_text(
         "".join(test_lines if args.full_epoch else test_lines[:64]), encoding="utf-8")
@@ -216,6 +222,7 @@ def trainer_arguments(setup, args, work, device):
     if name.startswith("trainer_best"):
         kw.update({"group_by_length": True} if "group_by_length" in params
                   else {"train_sampling_strategy": "group_by_length"})
+        kw["logging_nan_inf_filter"] = False  # its NaN check reads the loss back every step
     if compile_flags:
         kw["torch_compile"] = True  # its default mode; the dynamic padding makes shapes dynamic
     return TrainingArguments(**kw)
@@ -241,10 +248,11 @@ def run_trainer(name, args, work, model_name, device, train_split, test_split):
 
     step_times = {}
 
-    class StepTimer(TrainerCallback):
+    class StepTimer(TrainerCallback):  # the clock at the end of the warm-up and of the last step
         def on_step_end(self, _args, state, control, **kwargs):
-            sync(device)
-            step_times[state.global_step] = time.perf_counter()
+            if state.global_step in (WARMUP_STEPS, state.max_steps):
+                sync(device)
+                step_times[state.global_step] = time.perf_counter()
 
     model = AutoModelForSequenceClassification.from_pretrained(model_name, num_labels=4)
     trainer = Trainer(model=model, args=trainer_arguments(name, args, work, device),
@@ -356,6 +364,8 @@ def main(argv=None):
             else:
                 results[name] = run_ours(name, args, work, model_name, device)
             print(f"=== {name}: {results[name]}", flush=True)
+            if args.output:  # so far: a run stopped part-way keeps what it measured
+                Path(args.output).write_text(json.dumps({"results": results}, indent=1))
         summary = report(results, args, AutoConfig.from_pretrained(model_name),
                          sum(lengths) / len(lengths), device)
     if args.output:

@@ -13,7 +13,8 @@ RUN_PARTS = ("minilm_eager", "minilm_compiled", "minilm_cudagraphs", "minilm_fp1
 
 def main(argv=None):
     out = Path((argv or sys.argv[1:])[0])
-    lines = [f"# gpu_check: {read(out / 'gpu.txt', '?').splitlines()[-1]}", ""]
+    gpu = read(out / "gpu.txt", "")  # empty where nvidia-smi is missing
+    lines = [f"# gpu_check: {gpu.splitlines()[-1] if gpu else '?'}", ""]
     for part in BENCH_PARTS:
         lines += bench_figures(part, out / part)
     for name in RUN_PARTS:
@@ -39,10 +40,11 @@ def bench_figures(part, folder):
     ours = {n: r["samples_per_s"] for n, r in results.items() if n.startswith("ours")}
     if trainer and ours:
         best_ours, best_trainer = max(ours, key=ours.get), max(trainer, key=trainer.get)
+        peak = (f"; {summary['peak_dtype']} matmul peak at the model's shapes "
+                f"{summary['peak_gflops']:.0f} GFLOP/s" if "peak_gflops" in summary
+                else " (the run stopped before its last set-up)")
         lines.append(f"- {part}: ours at its best ({best_ours}) / the Trainer at its best "
-                     f"({best_trainer}): {ours[best_ours] / trainer[best_trainer]:.2f}x; "
-                     f"{summary['peak_dtype']} matmul peak at the model's shapes "
-                     f"{summary['peak_gflops']:.0f} GFLOP/s")
+                     f"({best_trainer}): {ours[best_ours] / trainer[best_trainer]:.2f}x{peak}")
     return lines
 
 

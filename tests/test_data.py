@@ -195,6 +195,9 @@ def test_collate_pads_to_longest_row_rounded_to_multiple():
     assert input_ids.tolist() == [[5, 6, 7], [5, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     input_ids, mask = collate(token_ids, [2, 1], pad_id=0, pad_multiple=8)
     assert input_ids.shape == (2, 8) and mask.sum().item() == 6
+    # never past max_width (the positions the model has), never below the longest row
+    assert collate(token_ids, [2, 1], pad_id=0, pad_multiple=8, max_width=6)[0].shape == (2, 6)
+    assert collate(token_ids, [2], pad_id=0, pad_multiple=8, max_width=4)[0].shape == (1, 5)
 
 
 def test_batch_order_covers_every_row_once_and_is_reproducible():

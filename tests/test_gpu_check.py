@@ -27,19 +27,21 @@ def test_dry_run_checks_the_set_up_and_plans_every_part(tiny_model_dir, tmp_path
     assert done.returncode == 0, done.stderr
     plan = dict(line.split("|", 1) for line in (tmp_path / "out" / "plan.txt").read_text()
                 .splitlines())
-    assert list(plan) == ["bench_b32", "bench_b128", "minilm_eager", "minilm_compiled",
-                          "minilm_cudagraphs", "minilm_fp16", "torchrun_nccl", "tests_gpu"]
-    setups = ("--setups trainer_best,trainer_best_compiled,ours_amp,ours_amp_compiled,"
-              "ours_amp_cudagraphs")
+    # the most telling first: a budget that runs out cuts the tail
+    assert list(plan) == ["minilm_eager", "minilm_compiled", "bench_b32", "tests_gpu",
+                          "minilm_cudagraphs", "bench_b128", "minilm_fp16", "torchrun_nccl"]
+    compiled = "trainer_best_compiled,ours_amp,ours_amp_compiled,ours_amp_cudagraphs"
+    assert f"--setups trainer_best,{compiled} " in plan["bench_b32"]
+    assert f"--setups {compiled} " in plan["bench_b128"]
     for part, batch in (("bench_b32", 32), ("bench_b128", 128)):
-        assert "--random-init" in plan[part] and setups in plan[part]
-        assert f"--batch-size {batch} " in plan[part] and "--compile-cache" in plan[part]
+        assert "--random-init" in plan[part] and f"--batch-size {batch} " in plan[part]
+        assert "--compile-cache" in plan[part] and f"{part}/bench.json" in plan[part]
     assert all("--epochs 3 --amp" in plan[p] for p in plan if p.startswith("minilm_")
                and p != "minilm_fp16")
     assert "--compile --output-dir" in plan["minilm_compiled"]
     assert "--compile reduce-overhead" in plan["minilm_cudagraphs"]
     assert "--amp-dtype fp16" in plan["minilm_fp16"]
-    assert "--nproc_per_node 1" in plan["torchrun_nccl"]
+    assert "--nproc_per_node 1" in plan["torchrun_nccl"] and "--compile" in plan["torchrun_nccl"]
     assert all(f"--model {tiny_model_dir}" in plan[p] for p in plan if p != "tests_gpu")
     assert "nothing was run" in done.stdout
 
@@ -89,6 +91,17 @@ def test_summary_reads_every_part(tiny_model_dir, tiny_data_dir, tmp_path, monke
     assert bench[-1].startswith("- bench_b32: ours at its best (ours_amp_compiled) / the Trainer "
                                 "at its best (trainer_best_compiled): 3.00x; bf16")
     assert any(line.startswith("- bench_b128: no result") for line in lines)
+    # a bench part stopped after some set-ups, no nvidia-smi: what was measured still shows
+    (out / "bench_b128").mkdir()
+    (out / "bench_b128" / "bench.json").write_text(json.dumps({"results": {
+        "trainer_best_compiled": {"samples_per_s": 2000.0, "wall_s": 80.0, "compile_s": 40.0,
+                                  "compile_graphs": 3},
+        "ours_amp": {"samples_per_s": 3000.0, "wall_s": 20.0}}}))
+    (out / "gpu.txt").write_text("")
+    again = gpu_summary.main([str(out)])
+    assert again[0] == "# gpu_check: ?"
+    assert ("- bench_b128: ours at its best (ours_amp) / the Trainer at its best "
+            "(trainer_best_compiled): 1.50x (the run stopped before its last set-up)") in again
     runs = {line.split(":")[0][2:]: line for line in lines if line.startswith("- minilm")}
     accuracy = json.loads((out / "minilm_eager" / "test_metrics.json").read_text())
     assert runs["minilm_eager"].startswith("- minilm_eager: 42 s wall, fp16, ") and \

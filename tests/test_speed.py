@@ -11,9 +11,13 @@ from conftest import tiny_args
 from test_encoders import save_tiny_distilbert, save_tiny_roberta
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cpu_speed
+import model as model_py
 import train
+import train_log
 from data import collate
 from model import (
+    MeanPooled,
     TopicClassifier,
     compute_first_token_only_in_last_layer,
     encoder_mask,
@@ -86,6 +90,46 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_model_dir):
     with ReadsBack() as reads:  # what the check sees when the encoder gets the 2-D mask
         model.encoder(input_ids=input_ids, attention_mask=attention_mask)
     assert "_local_scalar_dense.default" in reads.ops
+
+
+def test_train_pys_own_steps_read_nothing_back_but_where_they_log_evaluate_or_save(
+        tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """train.py's loop as a GPU runs it (no CPU levers): the read-backs come at the log lines,
+    the evaluations and the saves alone (their steps and the one after), never in between."""
+    monkeypatch.setattr(cpu_speed, "speed_up_cpu_training", lambda model: None)
+    reads, seen = ReadsBack(), {}
+    real_step = train_log.TrainingLog.step
+
+    def step(self, step, *args):  # the read-backs so far, as each step ends
+        seen[step] = len(reads.ops)
+        return real_step(self, step, *args)
+    monkeypatch.setattr(train_log.TrainingLog, "step", step)
+    with reads:
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--epochs", 2,
+                             "--log-every", 5, "--save-every", 7))
+    busy = {5, 7, 10, 14, 15, 16, 20, 21, 25, 28, 30, 32}  # log, save, evaluate: 16 steps an epoch
+    quiet = [s for s in seen if s - 1 in seen and s - 1 not in busy]
+    assert len(quiet) > 10 and [s for s in quiet if seen[s] != seen[s - 1]] == []
+    assert seen[16] > seen[15]  # step 15's log line reads the loss back: the count sees it
+
+
+def test_the_first_token_layer_falls_back_to_the_whole_layer_where_its_mask_is_not_4d(
+        tiny_model_dir, monkeypatch):
+    encoder, _ = load_pretrained_encoder(tiny_model_dir)
+    fast = TopicClassifier(encoder, 4).eval()
+    input_ids, attention_mask = batch()
+    monkeypatch.setattr(model_py, "mask_kind", lambda implementation: None)  # as for flash
+    hidden = fast.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    assert hidden.shape[1] == 12  # every token, from the layer's own forward
+
+
+def test_mean_pooling_refuses_an_encoder_that_computes_the_first_token_alone(tiny_model_dir):
+    encoder, _ = load_pretrained_encoder(tiny_model_dir)
+    input_ids, attention_mask = batch()
+    assert MeanPooled(encoder).embed(input_ids, attention_mask).shape == (2, 32)
+    TopicClassifier(encoder, 4)  # makes its last layer compute [CLS] alone
+    with pytest.raises(ValueError, match="MeanPooled needs an encoder whose last layer"):
+        MeanPooled(encoder).embed(input_ids, attention_mask)
 
 
 def tiny_roberta(folder):
@@ -175,7 +219,11 @@ def test_compiled_training_resumes_exactly_and_saves_plain_weights(tiny_model_di
     assert config["compile"] == "default"
 
 
-def test_cuda_graphs_without_a_gpu_are_refused_by_name(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_cuda_graphs_without_a_gpu_or_with_accumulation_are_refused_by_name(
+        tiny_model_dir, tiny_data_dir, tmp_path):
     with pytest.raises(SystemExit, match="--compile reduce-overhead: CUDA graphs need a CUDA GPU"):
         train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--compile",
                              "reduce-overhead"))
+    with pytest.raises(SystemExit, match="cannot accumulate gradients; drop --grad-accum-steps"):
+        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path, "--compile",
+                             "reduce-overhead", "--grad-accum-steps", 2))
