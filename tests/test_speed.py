@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_args
 from test_encoders import save_tiny_distilbert, save_tiny_roberta
+from test_train import crash_after_second_last_pt
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cpu_speed
@@ -175,10 +176,6 @@ def test_an_encoder_of_another_shape_keeps_its_last_layer_whole(tmp_path):
     assert out.last_hidden_state.shape[1] == 12
 
 
-class Crash(Exception):
-    pass
-
-
 def test_compiled_training_resumes_exactly_and_saves_plain_weights(tiny_model_dir, tiny_data_dir,
                                                                    tmp_path, monkeypatch):
     """The one compiled test (compiling takes ~30 s here): a compiled run killed after its 2nd
@@ -191,17 +188,8 @@ def test_compiled_training_resumes_exactly_and_saves_plain_weights(tiny_model_di
     # a few shape relations: 6 graphs there, still far fewer than one per shape
     most = 2 if torch.__version__ >= "2.13" else 8
     assert 1 <= straight["compile_graphs"] <= most and straight["compile_s"] > 0
-    real_save, saves = train.save_checkpoint, []
-
-    def save_then_crash(state, path):
-        real_save(state, path)
-        saves.append(path.name)
-        if saves.count("last.pt") == 2:
-            raise Crash
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags))
-    monkeypatch.undo()
+    crash_after_second_last_pt(monkeypatch, tiny_args(tiny_model_dir, tiny_data_dir,
+                                                      tmp_path / "b", *flags))
     resumed = train.main(tiny_args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *flags,
                                    "--resume"))
     assert resumed["test_accuracy"] == straight["test_accuracy"]
