@@ -40,14 +40,15 @@ HEADLINES = [
 ]
 
 
-def load_export(folder, threads=None, **session):
+def load_export(folder, threads=None, **session_settings):
     """An export folder -> (classify, info): classify(texts, batch_size=64) -> (N, C) probabilities,
     softmax(logits / temperature), rows in input order, the texts cleaned and truncated as in
     training. info: export.json's contents. threads: ONNX Runtime's intra-op threads (None: one
-    per core); **session: open_session's options and disabled (a benchmark's)."""
+    per core); **session_settings: open_session's options and disabled (a benchmark's)."""
     folder = Path(folder)
     info = read_manifest(folder)
-    session = open_session(folder / "model.onnx", len(info["class_names"]), threads, **session)
+    session = open_session(folder / "model.onnx", len(info["class_names"]), threads,
+                           **session_settings)
     tokenizer = open_tokenizer(folder / "tokenizer.json", info["max_length"])
 
     def classify(texts, batch_size=64):
