@@ -3,6 +3,7 @@ No network."""
 import csv
 import json
 import random
+import socket
 import sys
 from pathlib import Path
 
@@ -81,6 +82,13 @@ def write_tiny_data(folder):
 @pytest.fixture
 def tiny_data_dir(tmp_path):
     return write_tiny_data(tmp_path / "ag_news")
+
+
+def free_port():
+    """A TCP port on localhost that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_args(model_dir, data_dir, out_dir, *extra):

@@ -1,6 +1,5 @@
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -8,7 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import train_tiny
+from conftest import free_port, train_tiny
 
 import app
 from basics import UserError
@@ -21,12 +20,6 @@ CLASS_NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 @pytest.fixture(scope="module")
 def tiny_ckpt(tiny_model_dir, tmp_path_factory):
     return train_tiny(tiny_model_dir, tmp_path_factory, epochs=1)[0] / "best.pt"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_page(url, proc, log, seconds=90):

@@ -6,14 +6,13 @@ rounding (~1e-7 relative); AdamW divides by the gradients' root mean square, whi
 accumulation). Hence 1e-6 relative for the logged losses and 1e-5 for the weights."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_bert, tiny_args
+from conftest import free_port, save_tiny_bert, tiny_args
 
 import evaluate
 import train
@@ -215,16 +214,13 @@ def test_a_setup_timeout_that_is_not_a_number_of_minutes_is_refused(value, monke
 def test_finish_ends_the_process_groups_threads_before_the_interpreters_exit(tmp_path):
     # Gloo threads left to the interpreter's exit abort the rank that ends first, now and then
     # (SIGABRT): finish() must end them. A world of one process, counted in /proc/self/task.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = tmp_path / "threads.py"
     script.write_text(f"import os, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport distributed\n"
                       "def threads():\n    return len(os.listdir('/proc/self/task'))\n"
                       "before = threads()\ndistributed.init('cpu')\nduring = threads()\n"
                       "distributed.finish()\nprint(before, during, threads())\n")
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
                           timeout=120, check=True)
     before, during, after = map(int, done.stdout.split())
